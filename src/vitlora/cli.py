@@ -1,0 +1,366 @@
+"""`vitlora` command line: a thin layer over the Python API.
+
+Every user error becomes one line on stderr and exit code 2 (argparse's own usage errors
+also exit 2); Ctrl-C during training keeps finished epochs and says how to resume.
+Heavy imports (torch, transformers) happen inside the commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import VitloraError
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with LoRA on a folder of images",
+                       argument_default=argparse.SUPPRESS,
+                       description="Fine-tune a pretrained image classifier with LoRA. DATA is an ImageFolder "
+                                   "(one sub-folder per class), a flat folder of one class with --label, a CSV/JSONL "
+                                   "manifest of path,label, or hf:NAME[:CONFIG]/SPLIT.")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--val", metavar="VAL_DATA", help="validation data (default: hold out --val-split of DATA)")
+    p.add_argument("--model", help="hub id or local folder of the base model, or an earlier run to stack on "
+                                   "(default facebook/deit-tiny-patch16-224)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory to write (default runs/<data>-<label|mode>)")
+    p.add_argument("--mode", choices=["replace", "extend"],
+                   help="replace: new head for the data's labels; extend: keep the base classes and add the new ones "
+                        "(default: extend with --label, else replace)")
+    p.add_argument("--label", help="class name for a flat folder of images (implies --mode extend)")
+    p.add_argument("--negatives", metavar="DIR", help="unlabelled photos of other things (extend mode)")
+    p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.1)")
+    p.add_argument("--targets", help="comma-separated: query,key,value,output,mlp (default query,value)")
+    p.add_argument("--epochs", type=int, help="default 5")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="global batch size (default 32)")
+    p.add_argument("--grad-accum", type=int, dest="grad_accum", help="gradient accumulation steps (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate, warmup then cosine decay (default 2e-3)")
+    p.add_argument("--weight-decay", type=float, dest="weight_decay", help="default 0.01")
+    p.add_argument("--warmup", type=float, help="fraction of steps spent warming up (default 0.1)")
+    p.add_argument("--label-smoothing", type=float, dest="label_smoothing", help="default 0")
+    p.add_argument("--val-split", type=float, dest="val_split", help="fraction held out when no --val (default 0.1)")
+    p.add_argument("--seed", type=int, help="seed for split, init, shuffling and augmentation (default 0)")
+    p.add_argument("--aug-scale-min", type=float, dest="aug_scale_min",
+                   help="smallest random-resized-crop area fraction (default 0.25)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto picks bf16 where the hardware has bf16 matrix units, else fp32/fp16")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--early-stopping", type=int, dest="early_stopping", metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a better validation accuracy")
+    p.add_argument("--distill", type=float, help="extend mode: weight of distillation on the base classes")
+    p.add_argument("--target-recall", type=float, dest="target_recall",
+                   help="extend mode: calibrate the new classes' bias to this recall on held-out positives")
+    p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of a skip")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings; flags override it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitlora", description="Fine-tune vision transformers with LoRA.")
+    parser.add_argument("--version", action="version", version=f"vitlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+
+    p = sub.add_parser("eval", help="metrics of a run on labelled data")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--label", help="class name when DATA is a flat folder")
+    p.add_argument("--negatives", metavar="DIR", help="unlabelled photos of other things (extend-mode checks)")
+    p.add_argument("--json", metavar="OUT.json", help="write all metrics as JSON")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="top-k labels for images")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="image files, folders or globs")
+    p.add_argument("--top-k", type=int, default=5, dest="top_k")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", metavar="FILE", help="write [{path, top_k: [{label, score}]}]")
+    out.add_argument("--csv", metavar="FILE", help="write one row per image")
+    p.add_argument("--batch-size", type=int, default=32, dest="batch_size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--onnx", metavar="EXPORT_DIR", help="use an exported ONNX model instead of PyTorch")
+
+    p = sub.add_parser("merge", help="write a plain transformers model with the adapter merged in")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("info", help="labels, base model, LoRA settings and parameter counts of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+    p = sub.add_parser("serve", help="serve runs over HTTP with a web page")
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 calls")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, dest="max_upload_mb")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("export", help="export the merged model (ONNX)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("push", help="upload a run to the Hugging Face hub")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("repo_id", metavar="REPO_ID")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token")
+    return parser
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, parse_targets, read_config_file
+    from .training import train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite", "quiet")}
+    values: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update(given)
+    if isinstance(values.get("targets"), str):
+        values["targets"] = parse_targets(values["targets"])
+    config = TrainConfig.from_dict(values)
+    out_hint = config.out
+    try:
+        train(config, overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False),
+              progress=not getattr(args, "quiet", False))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished epochs are saved; continue with "
+              f"vitlora train {config.data} --out {out_hint or config.out or 'RUN_DIR'} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .run import load
+
+    run = load(args.run_dir, device=args.device)
+    result = evaluate(run, args.data, label=args.label, strict=args.strict)
+    if args.negatives:
+        from .extend import negative_metrics
+
+        result.update(negative_metrics(run, args.data, args.negatives, label=args.label))
+    print(format_eval(result))
+    if args.json:
+        from .artifacts import write_json_atomic
+
+        write_json_atomic(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    lines = [f"images: {r['n_images']}" + (f" ({r['skipped']} skipped)" if r.get("skipped") else "")]
+    for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "nll",
+                "new_class_recall", "false_positive_rate", "retention"):
+        value = r.get(key)
+        if isinstance(value, dict):
+            value = value.get("mean")
+        if value is not None:
+            lines.append(f"{key:>20}: {value:.4f}")
+    per_class = r.get("per_class", {})
+    if per_class:
+        width = max(12, *(len(k) for k in per_class))
+        lines.append(f"{'label':<{width}}  precision  recall      f1  support")
+        for label, m in list(per_class.items())[:30]:
+            lines.append(f"{label:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  {m['support']:7d}")
+        if len(per_class) > 30:
+            lines.append(f"... {len(per_class) - 30} more classes in --json")
+    return "\n".join(lines)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import expand_image_paths
+
+    paths = expand_image_paths(args.paths)
+    skipped: list[tuple[str, str]] = []
+    if args.onnx:
+        predictions = _predict_onnx(args.onnx, paths, args.top_k, args.batch_size, skipped)
+    else:
+        from .run import load
+
+        run = load(args.run_dir, device=args.device, precision=args.precision)
+        predictions = run.predict(paths, top_k=args.top_k, batch_size=args.batch_size, skipped=skipped)
+    rows = [p.to_dict() for p in predictions]
+    if args.json:
+        from .artifacts import write_json_atomic
+
+        write_json_atomic(args.json, rows)
+    elif args.csv:
+        _write_csv(args.csv, rows, args.top_k)
+    if not (args.json or args.csv) or len(rows) <= 20:
+        for row in rows:
+            print(row["path"])
+            for rank, item in enumerate(row["top_k"], 1):
+                print(f"  {rank}. {item['label'][:40]:<40} {100 * item['score']:6.2f}%")
+    if args.json or args.csv:
+        print(f"wrote {len(rows)} predictions to {args.json or args.csv}")
+    if skipped:
+        shown = ", ".join(f"{p} ({r})" for p, r in skipped[:3])
+        print(f"warning: skipped {len(skipped)} of {len(paths)} files that could not be read: {shown}",
+              file=sys.stderr)
+    return 0 if rows else 2
+
+
+def _predict_onnx(export_dir: str, paths: list[str], top_k: int, batch_size: int,
+                  skipped: list[tuple[str, str]]) -> list[Any]:
+    from .data import Preprocess, normalize, stream_decoded
+    from .export import OnnxPredictor
+    from .run import Prediction
+
+    predictor = OnnxPredictor(export_dir)
+    pp = Preprocess.from_pretrained(export_dir)
+    out = []
+    for batch, batch_paths, report in stream_decoded(paths, pp, batch_size):
+        skipped.extend(report.skipped)
+        if len(batch_paths):
+            for path, tops in zip(batch_paths, predictor.predict_pixels(normalize(batch, pp), top_k)):
+                out.append(Prediction(path, tops))
+    return out
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
+    import io
+
+    from .artifacts import write_bytes_atomic
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["path"]
+    for i in range(1, k + 1):
+        header += [f"label_{i}", f"score_{i}"]
+    writer.writerow(header)
+    for row in rows:
+        cells = [row["path"]]
+        for item in row["top_k"]:
+            cells += [item["label"], f"{item['score']:.6f}"]
+        writer.writerow(cells)
+    write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .run import load
+
+    run = load(args.run_dir, device="cpu", merge=False)
+    out = run.merge(args.out_dir, overwrite=args.overwrite)
+    print(f"wrote merged model to {out}: load it with "
+          f"pipeline('image-classification', model='{out}')")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .run import read_run_files
+
+    meta, labels = read_run_files(args.run_dir)
+    metrics_path = Path(args.run_dir) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    cfg = meta["config"]
+    id2label = labels["id2label"]
+    info = {
+        "run_dir": str(args.run_dir),
+        "base_model": meta["base_model"],
+        "stacked_on": meta.get("stacked_on"),
+        "mode": meta["mode"],
+        "num_labels": len(id2label),
+        "new_labels": labels.get("new_labels", []),
+        "labels": [id2label[str(i)] for i in range(len(id2label))],
+        "lora": {"r": cfg["rank"], "alpha": cfg["alpha"], "dropout": cfg["dropout"],
+                 "targets": cfg["targets"], "target_modules": meta["target_modules"], "head": meta["head"]},
+        "trainable_params": meta["trainable_params"],
+        "total_params": meta["total_params"],
+        "trainable_percent": 100 * meta["trainable_params"] / meta["total_params"],
+        "best_epoch": metrics.get("best_epoch"),
+        "best_val_accuracy": metrics.get("best_val_accuracy"),
+        "precision": meta.get("precision"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    shown = info["labels"] if len(info["labels"]) <= 20 else info["labels"][:5] + ["…"] + info["labels"][-5:]
+    print(f"run:        {info['run_dir']}")
+    print(f"base model: {info['base_model']}" + (f" (stacked on {info['stacked_on']})" if info["stacked_on"] else ""))
+    print(f"mode:       {info['mode']}")
+    print(f"labels:     {info['num_labels']} ({', '.join(shown)})")
+    if info["new_labels"]:
+        print(f"new labels: {', '.join(info['new_labels'])}")
+    lo = info["lora"]
+    print(f"LoRA:       r={lo['r']} alpha={lo['alpha']} dropout={lo['dropout']} on {', '.join(lo['targets'])} "
+          f"({', '.join(lo['target_modules'])}); head '{lo['head']}' trained in full")
+    print(f"trainable params: {info['trainable_params']:,} || all params: {info['total_params']:,} "
+          f"|| trainable%: {info['trainable_percent']:.4f}")
+    if info["best_epoch"] is not None:
+        acc = info["best_val_accuracy"]
+        print(f"best epoch: {info['best_epoch']}" + (f" (val accuracy {acc:.4f})" if acc is not None else ""))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import create_app, load_adapters, serve
+
+    adapters = load_adapters(args.run_dirs, device=args.device)
+    app = create_app(adapters, token=args.token, max_upload_mb=args.max_upload_mb)
+    print(f"serving {len(adapters)} adapter(s) ({', '.join(a.name for a in adapters)}) on "
+          f"http://{args.host}:{args.port}/", file=sys.stderr)
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .artifacts import check_out_dir
+    from .export import export_onnx
+    from .run import load
+
+    check_out_dir(args.out_dir, args.overwrite, what="OUT_DIR")
+    run = load(args.run_dir, device="cpu", merge=True)
+    run.model.float()
+    h, w = run.preprocess.height, run.preprocess.width
+    report = export_onnx(run.model, args.out_dir, run.settings["processor"],
+                         verify_images=torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)))
+    print(f"wrote {report.path}: {report.n_labels} labels, opset {report.opset}; verified against PyTorch "
+          f"(top-1 agree: {report.top1_agree}, max prob diff {report.max_abs_prob_diff:.2e})")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    url = push_run(args.run_dir, args.repo_id, private=args.private, token=args.token)
+    print(f"uploaded {args.run_dir} to {url}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge,
+            "info": cmd_info, "serve": cmd_serve, "export": cmd_export, "push": cmd_push}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except VitloraError as exc:
+        print(f"vitlora {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
