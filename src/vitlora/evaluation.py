@@ -38,7 +38,7 @@ def evaluate(run: Run, data: str, label: str | None = None, strict: bool = False
 
     source = discover(data, label=label)
     label2id = data_label_ids(run, source.labels)
-    cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict)
+    cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict, draft=False)
     logits = []
     for start in range(0, len(cache), batch_size):
         images, _ = cache.batch(torch.arange(start, min(start + batch_size, len(cache))))

@@ -85,7 +85,7 @@ class Run:
         Files are decoded ahead in worker threads so decoding overlaps compute; unreadable
         files are left out of the result and listed in `skipped` when a list is given.
         """
-        from .data import normalize, resize_for_eval, stream_decoded
+        from .data import load_rgb, normalize, resize_for_eval, stream_decoded
 
         if top_k < 1:
             raise VitloraError("--top-k must be at least 1")
@@ -94,7 +94,7 @@ class Run:
         if pil:
             for start in range(0, len(pil), batch_size):
                 chunk = pil[start : start + batch_size]
-                batch = torch.stack([resize_for_eval(im.convert("RGB"), self.preprocess) for im in chunk])
+                batch = torch.stack([resize_for_eval(load_rgb(im), self.preprocess) for im in chunk])
                 probs = self.predict_pixels(normalize(batch, self.preprocess))
                 for i, tops in enumerate(top_k_predictions(probs, self.id2label, top_k)):
                     out.append(Prediction(f"<image {start + i}>", tops))

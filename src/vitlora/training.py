@@ -216,6 +216,7 @@ def train(
                     f"{', …' if len(change.matched) > 5 else ''}): their head rows start from the base")
         label2id = change.data_label2id()
         targets = resolve_targets(model, config.targets, change.head_name)
+        model.config._name_or_path = base_info["base_model"]  # recorded in adapter_config.json
         peft_model = wrap_lora(model, targets, change.head_name, config.rank, config.alpha, config.dropout)
         trainable, total = parameter_counts(peft_model)
         log(rt, f"{mode} mode: {len(change.labels)} labels ({len(change.new_labels)} new), LoRA r={config.rank} "
@@ -227,7 +228,7 @@ def train(
         train_cache, train_report = build_cache(train_samples, label2id, pp, train=True, strict=config.strict,
                                                 progress=progress and rt.is_main)
         val_cache, val_report = (build_cache(val_samples, label2id, pp, train=False, strict=config.strict,
-                                             progress=progress and rt.is_main)
+                                             progress=progress and rt.is_main, draft=False)
                                  if val_samples else (None, None))
         for report in (train_report, val_report):
             if report is not None and report.count:
