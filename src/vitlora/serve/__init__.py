@@ -1,0 +1,101 @@
+"""``vitlora serve``: an HTTP API and a small web page for LoRA image classifiers.
+
+The model side (loading one base model and several run directories as
+adapters) plugs in through the :class:`~vitlora.serve.app.Adapter` protocol;
+this package only knows how to batch, validate and answer requests.
+
+Importing this package needs the ``serve`` extra (fastapi, uvicorn,
+python-multipart); the rest of vitlora does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from vitlora.errors import VitloraError
+from vitlora.serve.app import Adapter, ApiError, create_app, decode_image
+
+__all__ = ["Adapter", "ApiError", "create_app", "decode_image", "load_adapters", "running_server", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    """``load_adapters`` imports torch and peft: load it on first use only.
+
+    Keeps ``import vitlora.serve`` light for tests, benchmarks and tools that
+    bring their own adapters.
+    """
+    if name == "load_adapters":
+        from vitlora.serve.adapters import load_adapters
+
+        return load_adapters
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+log = logging.getLogger(__name__)
+
+#: Seconds uvicorn waits for in-flight requests on Ctrl-C before cutting them off.
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_options: Any) -> None:
+    """Run ``app`` with uvicorn until Ctrl-C; loopback-only unless ``host`` says otherwise.
+
+    Warns when listening beyond loopback without a token, because anyone on
+    the network could then use (and load) the model.
+    """
+    if not _is_loopback(host) and not getattr(app.state, "token_required", True):
+        log.warning("serving on %s without --token: anyone who can reach this port can use it", host)
+    options: dict[str, Any] = {
+        "log_level": "info",
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "server_header": False,
+    }
+    options.update(uvicorn_options)
+    uvicorn.run(app, host=host, port=port, **options)
+
+
+@contextlib.contextmanager
+def running_server(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0
+) -> Iterator[str]:
+    """Run ``app`` on a background thread for tests and benchmarks; yields its base URL.
+
+    ``port=0`` lets the OS pick a free port, so parallel runs never collide.
+    The server is always stopped (graceful, then joined) when the block exits.
+    """
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="vitlora-test-server", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            if not thread.is_alive():
+                raise VitloraError(f"server on {host}:{port} failed to start (see log above)")
+            if time.monotonic() > deadline:
+                raise VitloraError(f"server on {host}:{port} did not start in {startup_timeout:g} s")
+            time.sleep(0.01)
+        bound = server.servers[0].sockets[0].getsockname()
+        url_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        yield f"http://{url_host}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
