@@ -190,3 +190,16 @@ def test_resume_continues_to_the_same_result(tiny_model, colour_folder, tmp_path
     b = json.loads((cut / "metrics.json").read_text())["epochs"]
     assert [e["train_loss"] for e in a] == pytest.approx([e["train_loss"] for e in b], abs=1e-6)
     assert [e["val_loss"] for e in a] == pytest.approx([e["val_loss"] for e in b], abs=1e-6)
+
+
+def test_export_onnx_and_predict_with_it(replace_run: Path, colour_folder: Path, tmp_path: Path):
+    onnx_dir, a, b = tmp_path / "onnx", tmp_path / "a.json", tmp_path / "b.json"
+    assert run_cli("export", replace_run, onnx_dir, "--format", "onnx") == 0
+    assert (onnx_dir / "model.onnx").is_file() and (onnx_dir / "labels.json").is_file()
+    assert run_cli("predict", replace_run, colour_folder / "blue", "--json", a) == 0
+    assert run_cli("predict", replace_run, colour_folder / "blue", "--onnx", onnx_dir, "--json", b) == 0
+    torch_rows, onnx_rows = json.loads(a.read_text()), json.loads(b.read_text())
+    assert [r["path"] for r in torch_rows] == [r["path"] for r in onnx_rows]
+    for t, o in zip(torch_rows, onnx_rows):
+        assert t["top_k"][0]["label"] == o["top_k"][0]["label"]
+        assert abs(t["top_k"][0]["score"] - o["top_k"][0]["score"]) < 1e-4
