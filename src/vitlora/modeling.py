@@ -31,6 +31,7 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     logging.getLogger("peft").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*ignore_mismatched_sizes.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def is_run_dir(path: str | Path) -> bool:
