@@ -31,14 +31,15 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from vitlora.errors import VitloraError
+from vitlora.data.decode import load_rgb
+from vitlora.errors import BadImageError, VitloraError
 from vitlora.serve.batching import BatcherClosed, BatchPool, PredictionFailed
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,6 @@ WANTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 #: Room for multipart boundaries and part headers on top of the image limit.
 MULTIPART_OVERHEAD = 64 * 1024
 DEFAULT_TOP_K = 5
-_T = Image.Transpose
-_EXIF_TRANSPOSE = {
-    2: _T.FLIP_LEFT_RIGHT,
-    3: _T.ROTATE_180,
-    4: _T.FLIP_TOP_BOTTOM,
-    5: _T.TRANSPOSE,
-    6: _T.ROTATE_270,
-    7: _T.TRANSVERSE,
-    8: _T.ROTATE_90,
-}
 IMAGE_FIELD = "image"
 
 
@@ -270,18 +261,15 @@ def image_formats() -> tuple[str, ...]:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> upright RGB image; refuses decompression bombs before decoding any pixels.
+    """Bytes -> upright RGB image, exactly as `vitlora predict` decodes files (`load_rgb`).
 
-    Runs in a worker thread: decoding a large JPEG takes tens of milliseconds.
+    Only well-known raster formats are accepted (Pillow never shells out, e.g. to
+    Ghostscript for EPS), and decompression bombs are refused from the header before any
+    pixel is decoded. Runs in a worker thread: decoding a large JPEG takes tens of ms.
     """
     try:
-        with Image.open(io.BytesIO(data), formats=image_formats()) as img:  # reads the header only
-            width, height = img.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and width * height > limit:
-                raise ApiError(413, f"image is {width}x{height} pixels, over the limit of {limit} pixels")
-            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-            rgb = img.convert("RGB")  # decodes; raises on truncated or corrupt data
+        with Image.open(io.BytesIO(data), formats=image_formats()):  # header only: format check
+            pass
     except Image.DecompressionBombError as exc:
         raise ApiError(413, f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:
@@ -290,9 +278,13 @@ def decode_image(data: bytes) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
         raise ApiError(415, f"corrupt or truncated image: {exc}") from None
-    # Phones store photos sideways plus an EXIF rotation flag; models expect them upright.
-    method = _EXIF_TRANSPOSE.get(orientation)
-    return rgb.transpose(method) if method is not None else rgb
+    try:
+        return load_rgb(data)
+    except BadImageError as exc:
+        reason = str(exc)
+        if reason.startswith("too large"):
+            raise ApiError(413, f"image is {reason.removeprefix('too large: ')}") from None
+        raise ApiError(415, f"corrupt or truncated image: {reason}") from None
 
 
 # --- the app ----------------------------------------------------------------------
