@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import shutil
@@ -24,43 +23,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from vitlora.serve import create_app, running_server
 
-PALETTE = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 40),
-    "blue": (30, 40, 220),
-    "cyan": (30, 210, 210),
-    "magenta": (210, 30, 210),
-    "yellow": (230, 220, 30),
-    "white": (245, 245, 245),
-    "black": (10, 10, 10),
-}
+from fake_adapters import PALETTE, ColourAdapter
+
 WAIT_S = 15.0
-
-
-class ColourAdapter:
-    """Fake adapter: softmax over the distance from the image's mean colour to each label's colour."""
-
-    def __init__(self, name: str, labels: list[str]) -> None:
-        self.name = name
-        self.base_model = "fake/vit-tiny"
-        self.labels = labels
-        self.metrics = {"val_accuracy": 0.97}
-
-    def predict(self, images: list[Image.Image], top_k: int) -> list[list[tuple[str, float]]]:
-        out = []
-        for image in images:
-            mean = cast(tuple[int, int, int], image.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0)))
-            exps = [math.exp(-math.dist(mean, PALETTE[lab]) / 30.0) for lab in self.labels]
-            ranked = sorted(zip(self.labels, (e / sum(exps) for e in exps), strict=True), key=lambda p: -p[1])
-            out.append(ranked[:top_k])
-        return out
 
 
 def find_chromium() -> str | None:
