@@ -192,10 +192,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.onnx:
         predictions = _predict_onnx(args.onnx, paths, args.top_k, args.batch_size, skipped)
     else:
-        from .run import load
+        from .run import predict_files
 
-        run = load(args.run_dir, device=args.device, precision=args.precision)
-        predictions = run.predict(paths, top_k=args.top_k, batch_size=args.batch_size, skipped=skipped)
+        predictions = predict_files(args.run_dir, paths, device=args.device, precision=args.precision,
+                                    top_k=args.top_k, batch_size=args.batch_size, skipped=skipped)
     rows = [p.to_dict() for p in predictions]
     if args.json:
         from .artifacts import write_json_atomic

@@ -86,6 +86,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VitloraError(message)
+        if self.negatives and (self.mode == "replace" or (self.mode is None and not self.label)):
+            raise VitloraError("--negatives is for extend mode (--label NAME, or --mode extend for an ImageFolder)")
         unknown = [t for t in self.targets if t not in SEMANTIC_TARGETS]
         if not self.targets or unknown:
             raise VitloraError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -100,14 +100,29 @@ class Run:
                     out.append(Prediction(f"<image {start + i}>", tops))
         paths = [str(p) for p in images if not isinstance(p, Image.Image)]
         if paths:
-            for batch, batch_paths, report in stream_decoded(paths, self.preprocess, batch_size):
-                if skipped is not None:
-                    skipped.extend(report.skipped)
-                if len(batch_paths) == 0:
-                    continue
-                probs = self.predict_pixels(normalize(batch, self.preprocess))
-                for path, tops in zip(batch_paths, top_k_predictions(probs, self.id2label, top_k)):
-                    out.append(Prediction(path, tops))
+            out.extend(self.predict_decoded(stream_decoded(paths, self.preprocess, batch_size), top_k, skipped))
+        return out
+
+    def predict_decoded(
+        self,
+        batches: Iterable[tuple[torch.Tensor, list[str], Any]],
+        top_k: int = 5,
+        skipped: list[tuple[str, str]] | None = None,
+    ) -> list[Prediction]:
+        """Top-k predictions for `(uint8 [b,3,H,W], paths, SkipReport)` batches from `stream_decoded`."""
+        from .data import normalize
+
+        if top_k < 1:
+            raise VitloraError("--top-k must be at least 1")
+        out: list[Prediction] = []
+        for batch, batch_paths, report in batches:
+            if skipped is not None:
+                skipped.extend(report.skipped)
+            if len(batch_paths) == 0:
+                continue
+            probs = self.predict_pixels(normalize(batch, self.preprocess))
+            for path, tops in zip(batch_paths, top_k_predictions(probs, self.id2label, top_k)):
+                out.append(Prediction(path, tops))
         return out
 
     def merge(self, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -158,8 +173,6 @@ def load(
     another machine where the base lives elsewhere).
     """
     quiet_transformers()
-    from peft import PeftModel
-
     from .data import Preprocess
     from .surgery import find_head
 
@@ -181,14 +194,20 @@ def load(
     model.config.num_labels = len(id2label)
     model.config.id2label = id2label
     model.config.label2id = {v: k for k, v in id2label.items()}
-    try:
-        model = PeftModel.from_pretrained(model, str(run_dir))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise VitloraError(
-            f"the adapter in {run_dir} does not fit base model {base_id}: {str(exc).splitlines()[0]}"
-        ) from None
-    if merge:
-        model = model.merge_and_unload()
+    from .speed import merge_adapter_fast
+
+    # merged inference of a plain LoRA adapter needs no PEFT (whose import alone costs seconds)
+    if not (merge and merge_adapter_fast(model, run_dir)):
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(run_dir))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise VitloraError(
+                f"the adapter in {run_dir} does not fit base model {base_id}: {str(exc).splitlines()[0]}"
+            ) from None
+        if merge:
+            model = model.merge_and_unload()
     dev = pick_device(device)
     prec, _ = pick_precision(precision, dev) if precision == "auto" else (precision, "")
     model = model.to(dev).eval()
@@ -202,6 +221,38 @@ def load(
         device=dev,
         precision=prec,
     )
+
+
+def predict_files(
+    run_dir: str | Path,
+    paths: Sequence[str],
+    device: str = "auto",
+    precision: str = "auto",
+    top_k: int = 5,
+    batch_size: int = 32,
+    skipped: list[tuple[str, str]] | None = None,
+) -> list[Prediction]:
+    """`vitlora predict`: load a run and predict image files, as fast as the machine allows.
+
+    Decoding starts at once, in a background thread, while the model is still being
+    imported and loaded (seconds of single-threaded Python), so the first batches are ready
+    when the model is; the compute threads are then fitted to the cores that other
+    processes leave free (see `vitlora.runtime`), with one decode thread per ~4 cores
+    beside them.
+    """
+    from .data import Preprocess, stream_decoded
+    from .runtime import CpuWatch, tune_threads, usable_cores
+    from .speed import background
+
+    watch = CpuWatch()
+    meta, _ = read_run_files(run_dir)
+    pp = Preprocess.from_dict(meta["processor"])
+    decode_threads = max(1, usable_cores() // 4)
+    with background(stream_decoded(paths, pp, batch_size, num_threads=decode_threads),
+                    depth=max(2, 256 // max(1, batch_size))) as batches:
+        run = load(run_dir, device=device, precision=precision)
+        tune_threads(run.device, watch)
+        return run.predict_decoded(batches, top_k=top_k, skipped=skipped)
 
 
 def base_fingerprint(model: nn.Module, exclude_head: bool = True) -> dict[str, Any]:

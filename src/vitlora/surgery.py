@@ -2,7 +2,8 @@
 
 Extending keeps the base model's behaviour on its own classes exactly: old weight rows
 and biases are copied bit for bit, new rows start small (normal, std 0.02, bias 0) unless
-the caller passes better initial rows (e.g. imprinted from class-mean features).
+the caller passes better initial rows; the training loop imprints them from class-mean
+features afterwards (`vitlora.extend.imprint_new_rows`, scaled by `HeadChange.row_norm`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def _new_rows(n: int, in_features: int, init_rows: torch.Tensor | None, like: to
     return nn.init.normal_(rows, mean=0.0, std=0.02)
 
 
+def _head_stats(head: nn.Linear) -> tuple[float, float]:
+    """(median row norm, mean bias) of a head: what imprinted rows are scaled to."""
+    with torch.no_grad():
+        norm = float(head.weight.float().norm(dim=1).median())
+        bias = float(head.bias.float().mean()) if head.bias is not None else 0.0
+    return norm, bias
+
+
 @dataclass
 class HeadChange:
     """What the surgery did, for logs, `vitlora.json` and tests."""
@@ -75,6 +84,8 @@ class HeadChange:
     new_labels: list[str]  # labels that got fresh rows
     matched: dict[str, str]  # data label -> existing base label it was mapped to
     base_num_labels: int
+    row_norm: float | None = None  # median norm of the base head's rows (scale for imprinted rows)
+    bias_mean: float = 0.0  # mean bias of the base head (bias for imprinted rows)
 
     def data_label2id(self) -> dict[str, int]:
         """Id of each data-set label in the final head (matched labels use the base id)."""
@@ -111,7 +122,7 @@ def extend_head(
     _set_head(model, name, head, id2label)
     return HeadChange(
         "extend", name, base_labels + new_labels, new_labels,
-        {lab: base_labels[i] for lab, i in matched.items()}, len(base_labels),
+        {lab: base_labels[i] for lab, i in matched.items()}, len(base_labels), *_head_stats(old),
     )
 
 
@@ -143,5 +154,5 @@ def replace_head(
     _set_head(model, name, head, dict(enumerate(data_labels)))
     return HeadChange(
         "replace", name, list(data_labels), [lab for lab in data_labels if lab not in matched],
-        {lab: base_labels[i] for lab, i in matched.items()}, len(base_labels),
+        {lab: base_labels[i] for lab, i in matched.items()}, len(base_labels), *_head_stats(old),
     )

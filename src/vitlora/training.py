@@ -24,8 +24,10 @@ from . import __version__
 from .artifacts import check_out_dir, move_files_into, staging_dir, write_bytes_atomic, write_json_atomic
 from .config import TrainConfig
 from .errors import VitloraError
+from .extend import Extender, imprint_new_rows, prepare_extend
 from .modeling import RUN_MARKER, load_base, load_processor_config, parameter_counts, wrap_lora
-from .runtime import Runtime, barrier, setup, teardown
+from .runtime import Runtime, adapt_threads, barrier, setup, teardown
+from .speed import micro_batch_size, use_fast_lora_dropout
 from .surgery import HeadChange, extend_head, replace_head
 from .targets import resolve_targets
 
@@ -94,11 +96,15 @@ def _schedule(total_steps: int, warmup: float) -> Callable[[int], float]:
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay, no_decay, scaled = [], [], {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            if getattr(p, "lr_scale", 1.0) != 1.0:  # extend mode: LoRA moves the shared features slower
+                scaled.setdefault(p.lr_scale, []).append(p)
+            else:
+                (no_decay if p.ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": config.weight_decay, "lr": config.lr * s} for s, ps in scaled.items()]
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
@@ -218,6 +224,7 @@ def train(
         targets = resolve_targets(model, config.targets, change.head_name)
         model.config._name_or_path = base_info["base_model"]  # recorded in adapter_config.json
         peft_model = wrap_lora(model, targets, change.head_name, config.rank, config.alpha, config.dropout)
+        use_fast_lora_dropout(peft_model)  # same dropout, without PEFT's CPU cost (see vitlora.speed)
         trainable, total = parameter_counts(peft_model)
         log(rt, f"{mode} mode: {len(change.labels)} labels ({len(change.new_labels)} new), LoRA r={config.rank} "
                 f"on {', '.join(targets)}; trainable params: {trainable:,} || all params: {total:,} "
@@ -236,9 +243,25 @@ def train(
         n_train, n_val = len(train_cache), (len(val_cache) if val_cache is not None else 0)
         log(rt, f"data: {n_train} training images, {n_val} validation images, {len(data_labels)} labels "
                 f"from {config.data}")
+        threads_note = adapt_threads(rt)  # before the first model passes: the cores others leave free
+        if threads_note:
+            log(rt, threads_note)
+
+        # ---- new head rows start at class-mean features; extend-mode safeguards (vitlora.extend)
+        base_out = imprint_new_rows(peft_model, change, train_cache, pp, rt.device, lambda m: log(rt, m))
+        ext: Extender | None = None
+        if mode == "extend":
+            ext = prepare_extend(peft_model, change, config, train_cache, val_cache, base_out, pp, rt.device,
+                                 lambda m: log(rt, m), progress and rt.is_main, rt.rank)
 
         # ---- optimisation ------------------------------------------------------------------
         per_rank_batch = max(1, config.batch_size // rt.world_size)
+        negatives = ext is not None and getattr(ext, "neg_train", None) is not None  # each step doubles
+        micro = max(1, micro_batch_size(peft_model, per_rank_batch * (2 if negatives else 1), rt.device)
+                    // (2 if negatives else 1))
+        if micro < per_rank_batch:
+            log(rt, f"each batch of {per_rank_batch} runs as {math.ceil(per_rank_batch / micro)} micro-batches "
+                    f"of <= {micro} (activation memory; VITLORA_ACTIVATION_MB raises the budget)")
         steps_per_epoch = math.ceil(math.ceil(n_train / (per_rank_batch * rt.world_size)) / config.grad_accum)
         opt = _optimizer(peft_model, config)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * config.epochs, config.warmup))
@@ -307,22 +330,31 @@ def train(
         for epoch in range(state.epoch + 1, config.epochs + 1):
             net.train()
             bar.set_description(f"epoch {epoch}/{config.epochs}")
+            threads_note = adapt_threads(rt)  # CPU: use the cores other processes leave free
+            if threads_note and rt.is_main:
+                bar.write(threads_note)
             seen, loss_sum, loss_n = 0, 0.0, 0
             t_epoch = time.time()
             batches = list(_batches(n_train, per_rank_batch, gen, rt))
             for i, idx in enumerate(batches):
-                images, labels = train_cache.batch(idx)
-                images = images.to(rt.device, non_blocking=True)
-                labels = labels.to(rt.device, non_blocking=True)
-                x = random_resized_crop_flip(images, pp, scale=(config.aug_scale_min, 1.0), generator=gen)
                 last_micro = (i + 1) % config.grad_accum == 0 or i + 1 == len(batches)
-                sync = net.no_sync() if (rt.distributed and not last_micro) else _null()
-                with sync:
-                    with rt.autocast():
-                        logits = net(pixel_values=x).logits
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-                    scaled = loss / config.grad_accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                parts = idx.split(micro)  # CPU: equal micro-batches that fit the activation budget
+                for j, part in enumerate(parts):
+                    images, labels = train_cache.batch(part)
+                    images = images.to(rt.device, non_blocking=True)
+                    labels = labels.to(rt.device, non_blocking=True)
+                    x = random_resized_crop_flip(images, pp, scale=(config.aug_scale_min, 1.0), generator=gen)
+                    if ext is not None:  # + negatives (label -1) and the frozen base's old-class logits
+                        x, labels, teacher = ext.batch(x, labels, part, epoch, i * len(parts) + j, gen)
+                    sync = net.no_sync() if (rt.distributed and not (last_micro and j + 1 == len(parts))) else _null()
+                    with sync:
+                        with rt.autocast():
+                            logits = net(pixel_values=x).logits
+                        loss = (ext.loss(logits.float(), labels, teacher) if ext is not None else
+                                F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing))
+                        scaled = loss * (len(part) / len(idx)) / config.grad_accum
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    loss_sum += float(loss.detach()) * len(part)
                 if last_micro:
                     if scaler:
                         scaler.step(opt)
@@ -333,7 +365,6 @@ def train(
                     sched.step()
                     bar.update(1)
                 seen += len(idx) * rt.world_size
-                loss_sum += float(loss.detach()) * len(idx)
                 loss_n += len(idx)
                 rate = seen / max(1e-9, time.time() - t_epoch)
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", img_s=f"{rate:.1f}")
@@ -348,6 +379,9 @@ def train(
                 record.update({"val_loss": rep["nll"], "val_accuracy": rep["accuracy"],
                                "val_macro_f1": rep["macro_f1"]})
                 score[0] = rep["accuracy"]
+                if ext is not None:  # new-class recall; FP rate and retention on held-out negatives
+                    record.update(ext.validate(logits))
+                    score[0] = ext.score(record)
             elif rt.is_main:
                 score[0] = float(epoch)  # no validation data: the last epoch is the best
             if rt.distributed:
@@ -378,6 +412,10 @@ def train(
             if stop:
                 break
         bar.close()
+        if rt.is_main and ext is not None:  # best epoch back, new-class bias calibrated, summary printed
+            meta["extend"] = ext.finish(out)
+            _save_adapter(peft_model, out)
+            write_json_atomic(out / RUN_MARKER, {**meta, "best_epoch": state.best_epoch})
         if rt.is_main:
             finalize_run(out, state, meta, labels_info, t_start, rt)
         barrier(rt)
@@ -396,7 +434,8 @@ def finalize_run(out: Path, state: TrainState, meta: dict[str, Any], labels_info
 
     doc = _metrics_doc(state, {"precision": rt.precision, "wall_s": time.time() - t_start,
                                "mean_images_per_s": sum(e["images_per_s"] for e in state.history)
-                               / max(1, len(state.history))})
+                               / max(1, len(state.history)),
+                               **({"extend": meta["extend"]} if meta.get("extend") else {})})
     write_json_atomic(out / "metrics.json", doc)
     plot_training_curves(state.history, out / "training_curves.png")
     labels = [labels_info["id2label"][str(i)] for i in range(len(labels_info["id2label"]))]
@@ -412,6 +451,9 @@ def _epoch_line(r: dict[str, Any], epochs: int, improved: bool) -> str:
     parts = [f"epoch {r['epoch']}/{epochs}", f"train_loss {r['train_loss']:.4f}"]
     if "val_loss" in r:
         parts += [f"val_loss {r['val_loss']:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
+    for key, name in (("new_class_recall", "recall"), ("false_positive_rate", "fp_rate"), ("retention", "retention")):
+        if r.get(key) is not None:
+            parts.append(f"{name} {r[key]:.4f}")
     parts += [f"{r['images_per_s']:.1f} img/s", f"{r['wall_s']:.1f} s"]
     return "  ".join(parts) + ("  *best*" if improved else "")
 

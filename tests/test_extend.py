@@ -1,0 +1,303 @@
+"""Extend-mode machinery (vitlora.extend, vitlora.negatives) on a tiny random ViT (fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_BASE_LABELS, make_colour_images
+from vitlora.cli import main
+from vitlora.extend import (
+    calibrate_thresholds,
+    distill_kl,
+    extend_loss,
+    imprint_rows,
+    new_class_margins,
+    positive_threshold,
+    reject_new,
+)
+
+FAST = ["--epochs", "2", "--batch-size", "8", "--lr", "5e-3", "--quiet", "--rank", "4", "--alpha", "8"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def neg_folder(tmp_path_factory) -> Path:
+    """Unlabelled 'other' photos in a nested tree (negatives are found recursively)."""
+    root = tmp_path_factory.mktemp("negs")
+    make_colour_images(root / "a" / "deep", "green", 10, seed=11)
+    make_colour_images(root / "b", "blue", 10, seed=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ext_run(tiny_model, red_folder, neg_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ext") / "red"
+    assert run_cli("train", red_folder, "--label", "raccoon", "--model", tiny_model, "--out", out,
+                   "--negatives", neg_folder, "--val-split", "0.25", *FAST) == 0
+    return out
+
+
+# ---- pure functions ---------------------------------------------------------------------
+
+
+def test_imprint_rows_math():
+    feats = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    labels = torch.tensor([7, 7, 9, 9])
+    rows = imprint_rows(feats, labels, [9, 7], norm=2.0)
+    # class 9: normalised features (1,0,0) and (0,1,0); mean (.5,.5,0); normalised * 2
+    assert torch.allclose(rows[0], torch.tensor([math.sqrt(2), math.sqrt(2), 0.0]), atol=1e-6)
+    # class 7: (.6,.8,0) and (0,0,1) -> mean (.3,.4,.5) -> norm 2
+    expect = torch.tensor([0.3, 0.4, 0.5]) / torch.tensor([0.3, 0.4, 0.5]).norm() * 2
+    assert torch.allclose(rows[1], expect, atol=1e-6)
+    assert torch.allclose(rows.norm(dim=1), torch.tensor([2.0, 2.0]))
+
+
+def test_distillation_is_zero_when_student_equals_teacher():
+    torch.manual_seed(0)
+    z = torch.randn(5, 10)
+    assert torch.allclose(distill_kl(z, z), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(distill_kl(z + 3.0, z), torch.zeros(5), atol=1e-6)  # softmax is shift-invariant
+    assert (distill_kl(torch.randn(5, 10), z) > 0).all()
+    # extend_loss on negatives whose student matches the teacher and gives the new class no mass
+    student = torch.cat([z, torch.full((5, 1), -1e4)], dim=1)
+    loss = extend_loss(student, torch.full((5,), -1), z, n_old=10, distill=1.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_negative_loss_is_soft_cross_entropy_against_base_with_zero_new_mass():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(4, 12), torch.randn(4, 10)
+    p_t = torch.softmax(teacher, -1)
+    soft_ce = -(p_t * torch.log_softmax(student, -1)[:, :10]).sum(-1)
+    entropy = -(p_t * torch.log_softmax(teacher, -1)).sum(-1)
+    assert torch.allclose(distill_kl(student[:, :10], teacher) + reject_new(student, 10), soft_ce - entropy,
+                          atol=1e-5)
+    p_new = torch.softmax(student, -1)[:, 10:].sum(-1)
+    assert torch.allclose(reject_new(student, 10), -torch.log1p(-p_new), atol=1e-5)
+
+
+def test_extend_loss_positive_part_is_cross_entropy_plus_weighted_kl():
+    torch.manual_seed(2)
+    logits, teacher = torch.randn(3, 11), torch.randn(3, 10)
+    labels = torch.tensor([10, 10, 10])
+    expect = F.cross_entropy(logits, labels) + 0.5 * distill_kl(logits[:, :10], teacher).mean()
+    assert extend_loss(logits, labels, teacher, 10, distill=0.5).item() == pytest.approx(expect.item(), rel=1e-5)
+    assert extend_loss(logits, labels, None, 10, distill=0.5).item() == pytest.approx(
+        F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def test_margins():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 5.0], [0.0, 4.0, 1.0, -1.0]])
+    assert torch.equal(new_class_margins(logits, 2), torch.tensor([[-1.0, 2.0], [-3.0, -5.0]]))
+
+
+def test_calibration_hits_target_recall():
+    g = torch.Generator().manual_seed(0)
+    pos = 2.0 + torch.randn(400, generator=g)
+    for target in (0.8, 0.9, 0.95):
+        t = positive_threshold(pos, target)
+        recall = int((pos > t).sum()) / len(pos)
+        assert target <= recall <= target + 0.03, (target, recall)
+    # on ten photos the threshold is at most the weakest one's margin (every one of them passes)
+    few = pos[:10]
+    assert (few > positive_threshold(few, 0.95)).all()
+
+
+def test_calibration_with_negatives_gap_and_overlap():
+    pos = torch.tensor([4.0, 5.0, 6.0, 7.0])
+    gap = calibrate_thresholds([pos], torch.tensor([[-6.0], [-2.0], [-3.0]]), 1.0)[0]
+    assert not gap["conflict"] and gap["threshold"] == pytest.approx(0.5 * (gap["pos_threshold"] - 2.0))
+    assert (pos > gap["threshold"]).all() and gap["threshold"] > -2.0
+    overlap = calibrate_thresholds([pos], torch.tensor([[4.5], [0.0]]), 1.0)[0]
+    assert overlap["conflict"] and overlap["threshold"] == pytest.approx(overlap["pos_threshold"])
+    alone = calibrate_thresholds([pos], None, 1.0)[0]
+    assert alone["threshold"] == pytest.approx(4.0 - 1e-4) and "neg_max" not in alone
+
+
+# ---- negatives generator ----------------------------------------------------------------
+
+
+def test_make_negatives_splits_by_source_and_is_deterministic(tmp_path):
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    from PIL import Image
+
+    from vitlora.negatives import main as neg_main, make_negatives, source_names
+
+    train = make_negatives(tmp_path / "train", "train", per_image=2, seed=0)
+    test = make_negatives(tmp_path / "test", "test", per_image=2, seed=0)
+    assert len(train) == 2 * len(source_names("train")) and len(test) == 2 * len(source_names("test"))
+    assert not {p.parent.name for p in train} & {p.parent.name for p in test}
+    assert set(source_names("all")) == set(source_names("train")) | set(source_names("test"))
+    modes = {Image.open(p).mode for p in train + test}
+    assert modes == {"RGB", "L"}  # colour and greyscale
+    assert all(min(Image.open(p).size) == 256 for p in train)
+    again = make_negatives(tmp_path / "again", "train", per_image=2, seed=0)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in train]
+    other = make_negatives(tmp_path / "other", "train", per_image=2, seed=1)
+    assert other[0].read_bytes() == train[0].read_bytes()  # the whole image first, whatever the seed
+    assert other[1].read_bytes() != train[1].read_bytes()  # crops follow the seed
+    assert neg_main([str(tmp_path / "cli"), "--per-image", "1", "--split", "test"]) == 0
+    assert len(list((tmp_path / "cli").rglob("*.jpg"))) == len(source_names("test"))
+
+
+# ---- training in extend mode ------------------------------------------------------------
+
+
+def test_extend_run_records_metrics_and_calibration(ext_run: Path):
+    metrics = json.loads((ext_run / "metrics.json").read_text())
+    for e in metrics["epochs"]:
+        assert 0 <= e["new_class_recall"] <= 1 and 0 <= e["false_positive_rate"] <= 1 and 0 <= e["retention"] <= 1
+    ext = metrics["extend"]
+    cal = ext["calibration"]["raccoon"]
+    assert cal["calibrated"] and cal["n_pos"] == 4 and cal["n_neg"] == 5
+    held = ext["held_out"]
+    assert held["new_class_recall"]["raccoon"] >= 0.95  # the calibration target, on the photos that set it
+    assert held["n_negatives"] == 5
+    meta = json.loads((ext_run / "vitlora.json").read_text())
+    assert meta["extend"]["calibration"]["raccoon"]["bias_shift"] == pytest.approx(-cal["threshold"])
+
+
+def test_extend_keeps_old_head_rows_exactly(ext_run: Path, tiny_model: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageClassification
+
+    base = AutoModelForImageClassification.from_pretrained(tiny_model)
+    saved = load_file(str(ext_run / "adapter_model.safetensors"))
+    w = next(v for k, v in saved.items() if k.endswith("classifier.weight"))
+    b = next(v for k, v in saved.items() if k.endswith("classifier.bias"))
+    assert w.shape[0] == 9
+    assert torch.equal(w[:8], base.classifier.weight.detach()) and torch.equal(b[:8], base.classifier.bias.detach())
+    meta = json.loads((ext_run / "vitlora.json").read_text())
+    assert b[8].item() == pytest.approx(meta["extend"]["calibration"]["raccoon"]["bias"], abs=1e-6)
+
+
+def test_imprinting_initialises_new_rows_from_class_means(tiny_model: Path, colour_folder: Path):
+    from vitlora.data import build_cache, discover
+    from vitlora.data.transforms import Preprocess
+    from vitlora.extend import base_outputs, imprint_new_rows, trainable_head
+    from vitlora.modeling import load_base, load_processor_config, wrap_lora
+    from vitlora.surgery import replace_head
+
+    model, _ = load_base(str(tiny_model))
+    base_head = model.classifier.weight.detach().clone()
+    pp = Preprocess.from_dict(load_processor_config(str(tiny_model)))
+    source = discover(str(colour_folder))
+    change = replace_head(model, source.labels)  # blue matches the base, green and red are new
+    assert change.new_labels == ["green", "red"]
+    peft_model = wrap_lora(model, ["q_proj", "v_proj"], "classifier", 4, 8, 0.0)
+    cache, _ = build_cache(source.samples, change.data_label2id(), pp, train=True)
+    outs = imprint_new_rows(peft_model, change, cache, pp, torch.device("cpu"))
+    head = trainable_head(peft_model, "classifier")
+    expect = imprint_rows(outs.features, cache.labels, [1, 2], change.row_norm)
+    assert torch.allclose(head.weight[1:].detach(), expect, atol=1e-6)
+    assert torch.allclose(head.weight[0].detach(), base_head[3])  # "blue" copied from the base
+    assert change.row_norm == pytest.approx(float(base_head.norm(dim=1).median()))
+    # features are the base's head inputs: recomputing them independently agrees
+    again = base_outputs(peft_model, "classifier", cache, pp, torch.device("cpu"), work_size=True)
+    assert torch.allclose(again.features, outs.features)
+
+
+def test_multi_class_extend_imagefolder(tiny_model: Path, colour_folder: Path, neg_folder: Path, tmp_path: Path):
+    out = tmp_path / "multi"
+    assert run_cli("train", colour_folder, "--mode", "extend", "--model", tiny_model, "--out", out,
+                   "--val-split", "0.25", *FAST) == 0
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["new_labels"] == ["green", "red"] and labels["data_label2id"]["blue"] == 3
+    assert [labels["id2label"][str(i)] for i in range(10)] == TINY_BASE_LABELS + ["green", "red"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["epochs"][-1]["new_class_recall_per_class"]) == {"green", "red"}
+    assert "false_positive_rate" not in metrics["epochs"][-1]  # no negatives: not measured
+    cal = metrics["extend"]["calibration"]
+    assert set(cal) == {"green", "red"} and all(c["calibrated"] for c in cal.values())
+    evaluated = tmp_path / "eval.json"
+    assert run_cli("eval", out, colour_folder, "--negatives", neg_folder / "b", "--json", evaluated) == 0
+    r = json.loads(evaluated.read_text())
+    assert set(r["new_class_recall"]) == {"green", "red", "mean"}
+
+
+def test_stacking_two_extend_runs_keeps_old_and_first_classes(ext_run: Path, tiny_model: Path, tmp_path: Path,
+                                                             neg_folder: Path):
+    import vitlora
+    from vitlora.extend import negative_metrics
+
+    greens = tmp_path / "greens"
+    make_colour_images(greens, "green", 12, seed=21)
+    out = tmp_path / "stacked"
+    assert run_cli("train", greens, "--label", "lime", "--model", ext_run, "--out", out, "--val-split", "0.25",
+                   "--negatives", neg_folder / "b", *FAST) == 0
+    run = vitlora.load(out)
+    assert run.labels == TINY_BASE_LABELS + ["raccoon", "lime"]
+    assert run.new_labels == ["lime"]
+    meta = json.loads((out / "vitlora.json").read_text())
+    assert meta["stacked_on"] and Path(meta["base_model"]) == ext_run.resolve()
+    # the first run's head rows (base + raccoon) are carried over exactly
+    first = vitlora.load(ext_run)
+    stacked = vitlora.load(out)
+    assert torch.equal(stacked.model.classifier.weight[:9], first.model.classifier.weight)
+    # retention is measured against the first run (merged), the stacked run's base
+    m = negative_metrics(stacked, str(greens), str(neg_folder / "b"), label="lime")
+    assert set(m) >= {"new_class_recall", "false_positive_rate", "retention"}
+    assert m["new_class_recall"]["mean"] >= 0.9
+
+
+def test_negative_metrics_match_hand_computation(ext_run: Path, red_folder: Path, neg_folder: Path, tiny_model):
+    import vitlora
+    from vitlora.data import expand_image_paths
+    from vitlora.extend import negative_metrics
+    from vitlora.modeling import load_base
+
+    run = vitlora.load(ext_run)
+    m = negative_metrics(run, str(red_folder), str(neg_folder), label="raccoon")
+    negs = expand_image_paths([str(neg_folder)])
+    assert m["n_negatives"] == len(negs) == 20
+    top_run = {p.path: p.top_k[0][0] for p in run.predict(negs, top_k=1)}
+    base, _ = load_base(str(tiny_model))
+    from vitlora.data import load_rgb, normalize, resize_for_eval
+
+    x = normalize(torch.stack([resize_for_eval(load_rgb(p), run.preprocess) for p in negs]), run.preprocess)
+    with torch.no_grad():
+        base_top = [TINY_BASE_LABELS[i] for i in base(pixel_values=x).logits.argmax(-1).tolist()]
+    fp = sum(top_run[p] == "raccoon" for p in negs) / len(negs)
+    kept = sum(top_run[p] == b for p, b in zip(negs, base_top)) / len(negs)
+    assert m["false_positive_rate"] == pytest.approx(fp)
+    assert m["retention"] == pytest.approx(kept)
+    assert m["false_positives_by_class"] == {"raccoon": round(fp * len(negs))}
+    reds = expand_image_paths([str(red_folder)])
+    recall = sum(p.top_k[0][0] == "raccoon" for p in run.predict(reds, top_k=1)) / len(reds)
+    assert m["new_class_recall"] == {"raccoon": pytest.approx(recall), "mean": pytest.approx(recall)}
+
+
+def test_eval_cli_with_negatives(ext_run: Path, red_folder: Path, neg_folder: Path, tmp_path: Path, capsys):
+    out = tmp_path / "e.json"
+    assert run_cli("eval", ext_run, red_folder, "--label", "raccoon", "--negatives", neg_folder, "--json", out) == 0
+    printed = capsys.readouterr().out
+    for key in ("new_class_recall", "false_positive_rate", "retention"):
+        assert key in printed
+    r = json.loads(out.read_text())
+    assert r["accuracy"] == pytest.approx(r["new_class_recall"]["mean"])  # DATA holds only new-class photos
+
+
+def test_negatives_need_extend_mode(tiny_model: Path, colour_folder: Path, neg_folder: Path, tmp_path: Path, capsys):
+    assert run_cli("train", colour_folder, "--model", tiny_model, "--negatives", neg_folder,
+                   "--out", tmp_path / "x", *FAST) == 2
+    assert "--negatives is for extend mode" in capsys.readouterr().err
+
+
+def test_without_negatives_warns_and_says_fp_not_measured(tiny_model: Path, red_folder: Path, tmp_path: Path,
+                                                          capsys):
+    out = tmp_path / "pos-only"
+    assert run_cli("train", red_folder, "--label", "raccoon", "--model", tiny_model, "--out", out,
+                   "--val-split", "0.25", *FAST) == 0
+    err = capsys.readouterr().err
+    assert "warning: trained without --negatives" in err and "could not be measured" in err
+    assert "new-class recall:" in err
