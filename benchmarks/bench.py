@@ -52,6 +52,25 @@ reference numbers are still reported; ``--only reference`` skips it entirely.
 
 ``--quick``: 1 repeat, 2 epochs (both suites), 60 predict images - a smoke run.
 
+``--save`` also writes the table and the raw JSON to ``benchmarks/results/{cpu|gpu}-<date>.md``
+and ``.json`` (next to this script).
+
+``--gpu``: the GPU comparison the PEFT guide was written for - the ``guide`` suite on a CUDA
+device with a ViT-base/16 checkpoint (``--model`` must be a local ViT-base folder, e.g. a
+download of ``google/vit-base-patch16-224-in21k``; nothing is fetched): ``reference_guide.py
+--device cuda`` (the guide's fp16, batch 128 x accumulation 4, lr 5e-3) vs ``vitlora train ...
+--mode replace --rank 16 --alpha 16 --dropout 0.1 --device cuda --batch-size 128`` (precision
+``auto``: bf16 where the GPU has it, else fp16). ``--guide-data`` can point at a larger
+ImageFolder (the guide used Food-101); peak RSS is host memory only (GPU memory is not
+measured). Written for machines with a GPU; results from it are only as good as the run that
+produced them.
+
+Train images/s of a reference is its Trainer's training steps only: train images x epochs /
+(seconds inside ``trainer.train()`` minus the ``eval_runtime`` of its per-epoch evaluations),
+so the references' evaluation does not count against them (the raw Trainer figure, eval
+included, is kept as ``train_images_per_s_incl_eval`` in the JSON). vitlora's per-epoch
+figure excludes its validation pass too.
+
 No network: everything is local; the subprocesses get ``HF_HUB_OFFLINE=1`` and
 ``HF_DATASETS_OFFLINE=1``.
 """
@@ -215,6 +234,8 @@ def reference_train_cmd(script, a, data, out, epochs, extra):
     cmd = [sys.executable, os.path.join(HERE, script), "--mode", "train", "--model", a.model,
            "--data", data, "--out", out, "--epochs", str(epochs), "--val-split", str(a.val_split),
            "--seed", str(a.seed)]
+    if a.gpu:
+        cmd += ["--device", "cuda"]
     return cmd + extra
 
 
@@ -225,6 +246,8 @@ def vitlora_train_cmd(prefix, a, data, out, epochs, suite):
     else:
         cmd += ["--mode", "replace", "--rank", "16", "--alpha", "16", "--dropout", "0.1"]
     cmd += ["--epochs", str(epochs), "--val-split", str(a.val_split), "--seed", str(a.seed), "--overwrite"]
+    if a.gpu:
+        cmd += ["--device", "cuda", "--batch-size", "128"]
     return cmd + shlex.split(a.vitlora_args)
 
 
@@ -262,6 +285,16 @@ def one_run(p, a, ctx, rep):
             return rec
         rec["train_result"] = res
         rec["train_images_per_s"] = res.get("train_images_per_s")
+        rec["train_images_per_s_incl_eval"] = res.get("train_images_per_s")
+        eval_s = sum(h.get("eval_runtime", 0.0) for h in res.get("log_history") or [] if isinstance(h, dict))
+        n_train, wall = res.get("n_train"), res.get("train_wall_s")
+        if isinstance(res.get("train_images_per_s_excl_eval"), (int, float)):
+            # computed by the script right after trainer.train(), so the guide's final
+            # trainer.evaluate() (also in log_history) is not subtracted
+            rec["train_images_per_s"] = res["train_images_per_s_excl_eval"]
+        elif n_train and wall and 0 < eval_s < wall:
+            rec["train_images_per_s"] = n_train * res.get("epochs", epochs) / (wall - eval_s)
+            rec["train_eval_s"] = eval_s
         rec["train_wall_s"] = res.get("wall_s")
         rec["final_accuracy"] = res.get("val_accuracy")
         adapter = res.get("adapter_dir") or os.path.join(run_dir, "adapter")
@@ -291,8 +324,12 @@ def one_run(p, a, ctx, rep):
         script = "reference_lab.py" if suite == "lab" else "reference_guide.py"
         cmd = [sys.executable, os.path.join(HERE, script), "--mode", "predict", "--adapter", adapter,
                "--predict-dir", ctx["predict_dir"], "--json", pred_json, "--top-k", "5"]
+        if a.gpu and script == "reference_guide.py":
+            cmd += ["--device", "cuda"]
     else:
         cmd = ctx["vitlora"] + ["predict", run_dir] + ctx["predict_paths"] + ["--top-k", "5", "--json", pred_json]
+        if a.gpu:
+            cmd += ["--device", "cuda"]
     print(f"[{tag}] predict {len(ctx['predict_paths'])} images", flush=True)
     pr = run_measured(cmd, os.path.join(logs, f"{tag}-predict.log"), env=env, timeout=a.timeout)
     rec["predict_proc"] = {k: (v if k != "cmd" else v[:8] + ["..."]) for k, v in pr.items()}
@@ -395,6 +432,50 @@ def markdown_table(pipelines, summary, a):
     return "\n".join(lines)
 
 
+def save_results(result, a, records):
+    """benchmarks/results/{cpu|gpu}-<date>.md (table, settings, every run) and the JSON beside it."""
+    folder = os.path.join(HERE, "results")
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, f"{'gpu' if a.gpu else 'cpu'}-{datetime.date.today().isoformat()}")
+    with open(stem + ".json", "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    env = result["environment"]
+    lines = [
+        f"# vitlora vs reference LoRA pipelines ({'GPU' if a.gpu else 'CPU'}), {result['created']}",
+        "",
+        f"`python benchmarks/bench.py {' '.join(shlex.quote(x) for x in (a.argv or []))}`".replace("  ", " "),
+        "",
+        f"Median of {a.repeats} interleaved repeat(s); lab suite {a.epochs} epochs, guide suite {a.guide_epochs} "
+        f"epochs; predict over {a.predict_n} JPEGs; val split {a.val_split}, seed {a.seed}; model `{a.model}`.",
+        f"Machine: {env.get('cpu')}, {env.get('nproc')} CPUs, torch {(env.get('torch') or {}).get('version')}"
+        + (f", GPU {(env.get('torch') or {}).get('gpu')}" if a.gpu else "") + ".",
+        "",
+        result["table_markdown"],
+        "",
+        "Columns: train images/s through the training steps (data pipeline included, evaluation excluded on both "
+        "sides); train wall s from process start to saved run; predict images/s end to end (process start to "
+        "predictions JSON written); peak RSS of train and predict processes; final accuracy on the held-out split.",
+        "",
+        "## Every run",
+        "",
+        "| run | train images/s | train wall s | predict images/s | peak RSS MB | final accuracy | train CPU s "
+        "| load avg (1 min) before -> after train |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        tp = r.get("train_proc") or {}
+        lb, la = (tp.get("loadavg_before") or [None])[0], (tp.get("loadavg_after") or [None])[0]
+        lines.append(
+            f"| {r['pipeline']} #{r['repeat']} | {fmt(r.get('train_images_per_s'))} | {fmt(r.get('train_wall_s'), 1)} "
+            f"| {fmt(r.get('predict_images_per_s'))} | {fmt(r.get('peak_rss_mb'), 0)} "
+            f"| {fmt(r.get('final_accuracy'), 3)} | {fmt(tp.get('cpu_s'), 0)} | {fmt(lb, 1)} -> {fmt(la, 1)} |"
+            + ("" if r.get("ok") else f" {r.get('error', '')}")
+        )
+    with open(stem + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return stem + ".md", stem + ".json"
+
+
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
@@ -427,9 +508,25 @@ def main(argv=None) -> int:
                     help="OMP/MKL threads for every subprocess (0: leave the environment alone)")
     ap.add_argument("--vitlora-args", default="", help="extra args appended to 'vitlora train' (quoted)")
     ap.add_argument("--reference-args", default="", help="extra args appended to the reference train scripts")
+    ap.add_argument("--gpu", action="store_true",
+                    help="GPU comparison: guide suite on CUDA, --model a local ViT-base/16 folder (see module doc)")
+    ap.add_argument("--save", action="store_true",
+                    help="also write benchmarks/results/{cpu|gpu}-<date>.md and .json")
     a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     if a.quick:
         a.repeats, a.epochs, a.guide_epochs, a.predict_n = 1, 2, 2, 60
+    if a.gpu:
+        if a.model == DEFAULT_MODEL:
+            ap.error("--gpu compares ViT-base/16 runs: pass --model /path/to/vit-base-patch16-224(-in21k)")
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                ap.error("--gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+        except ImportError:
+            ap.error("--gpu needs torch with CUDA")
+        a.suite = "guide"
 
     t_bench = time.time()
     workdir = a.workdir or tempfile.mkdtemp(prefix="vitlora-bench-")
@@ -493,6 +590,8 @@ def main(argv=None) -> int:
         import torch
 
         torch_info = {"version": torch.__version__, "threads": torch.get_num_threads()}
+        if a.gpu and torch.cuda.is_available():
+            torch_info["gpu"] = torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001
         torch_info = None
     cpu = None
@@ -536,6 +635,9 @@ def main(argv=None) -> int:
         print(f"1-min load average around the runs: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs "
               "(figures are wall-clock; CPU seconds per run are in the JSON)")
     print(f"\nraw numbers: {os.path.abspath(a.out)}")
+    if a.save:
+        saved = save_results(result, a, records)
+        print(f"saved: {saved[0]} and {saved[1]}")
     if not a.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:

@@ -505,6 +505,8 @@ def predict(args) -> dict:
     else:
         inference_model = AutoModelForImageClassification.from_pretrained(args.model)
         image_processor = AutoImageProcessor.from_pretrained(args.model)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    inference_model.to(device)
     inference_model.eval()
     t_ready = _time.time() - T_START
 
@@ -512,7 +514,7 @@ def predict(args) -> dict:
     t0 = _time.perf_counter()
     for path in files:
         image = Image.open(path)
-        encoding = image_processor(image.convert("RGB"), return_tensors="pt")
+        encoding = image_processor(image.convert("RGB"), return_tensors="pt").to(device)
         with torch.no_grad():
             outputs = inference_model(**encoding)
             logits = outputs.logits
@@ -543,6 +545,7 @@ def predict(args) -> dict:
         "load_wall_s": t_ready,
         "peak_rss_mb": None,
         "torch_threads": torch.get_num_threads(),
+        "device": device,
     }
 
 

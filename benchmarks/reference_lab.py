@@ -54,6 +54,9 @@ Deviations from the notebook (all deliberate, for a fair, scriptable benchmark):
   ``get_top5`` over ``--predict-dir`` and writes the predictions to ``--json``. The lab prints
   each top-5; here they are collected into the JSON file instead. ``get_top5`` converts
   non-RGB files to RGB first (one of the shared photos is greyscale; the lab's set has none).
+* ``--device cuda`` (not in the lab, which is CPU-only) lets the Trainer and ``--mode predict``
+  use a GPU, still fp32; the lab's own evaluation loop moves the model back to the CPU as the
+  lab does.
 * The adapter directory additionally gets ``reference_meta.json`` (labels and settings) and the
   processor config so ``--mode predict`` can rebuild the model without the training run.
 
@@ -194,7 +197,7 @@ def get_top5(model, extractor, path: str, k: int = 5) -> list:
     img = Image.open(path)
     if img.mode != "RGB":  # the lab's photos are all RGB; one shared photo is greyscale
         img = img.convert("RGB")
-    inputs = extractor(images=img, return_tensors="pt")
+    inputs = extractor(images=img, return_tensors="pt").to(model.device)
     with torch.no_grad():
         outputs = model(**inputs)
         logits = outputs.logits
@@ -421,6 +424,8 @@ def predict(args) -> dict:
 
         model = extend_head(model, meta.get("label", args.label), args.seed)
         model = PeftModel.from_pretrained(model, args.adapter)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    model.to(device)
     model.eval()
     t_ready = _time.time() - T_START
     preds, loop_wall = run_predict_loop(model, extractor, files, args.top_k)
@@ -460,7 +465,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=8)
     ap.add_argument("--dropout", type=float, default=0.2)
-    ap.add_argument("--device", choices=["cpu", "auto"], default="cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                    help="cpu (the lab's setting) or cuda/auto: Trainer and predict on the GPU, still fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--adapter", default=None, help="predict: saved adapter dir (omit: base model)")
     ap.add_argument("--predict-dir", default=None, help="folder of images for the one-at-a-time loop")

@@ -37,17 +37,19 @@ import torch
 import vitlora.training as T
 from vitlora.cli import main
 
-model = {}
-real_optimizer, real_barrier = T._optimizer, T.barrier
+wrapped = []
 
-def optimizer(m, config):
-    model["m"] = m
-    return real_optimizer(m, config)
+class DDP(torch.nn.parallel.DistributedDataParallel):  # records the model the loop trains
+    def __init__(self, module, *args, **kwargs):
+        super().__init__(module, *args, **kwargs)
+        wrapped.append(module)
+
+real_barrier = T.barrier
 
 def barrier(rt):
-    if rt.distributed and "m" in model:
+    if rt.distributed and wrapped:
         with torch.no_grad():
-            flat = torch.cat([p.detach().double().flatten() for p in model["m"].parameters() if p.requires_grad])
+            flat = torch.cat([p.detach().double().flatten() for p in wrapped[-1].parameters() if p.requires_grad])
         mine = torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=flat.dtype)).sum()])
         every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
         torch.distributed.all_gather(every, mine)
@@ -56,7 +58,8 @@ def barrier(rt):
                 f.write(json.dumps([e.tolist() for e in every]) + "\n")
     real_barrier(rt)
 
-T._optimizer, T.barrier = optimizer, barrier
+torch.nn.parallel.DistributedDataParallel = DDP
+T.barrier = barrier
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_BASE_LABELS, make_colour_images
+
 from vitlora.cli import main
 from vitlora.extend import (
     calibrate_thresholds,
@@ -110,17 +110,25 @@ def test_calibration_hits_target_recall():
     # on ten photos the threshold is at most the weakest one's margin (every one of them passes)
     few = pos[:10]
     assert (few > positive_threshold(few, 0.95)).all()
+    # a constructed model: shifting the new class's bias by -t gives the target recall
+    logits = torch.zeros(400, 4)
+    logits[:, :3] = torch.randn(400, 3, generator=g)
+    logits[:, 3] = logits[:, :3].max(-1).values + pos  # the new class's margins are `pos`
+    t = calibrate_thresholds([new_class_margins(logits, 3)[:, 0]], None, 0.9)[0]["threshold"]
+    logits[:, 3] -= t
+    assert int((logits.argmax(-1) == 3).sum()) / 400 == pytest.approx(0.9, abs=0.0125)
 
 
-def test_calibration_with_negatives_gap_and_overlap():
-    pos = torch.tensor([4.0, 5.0, 6.0, 7.0])
-    gap = calibrate_thresholds([pos], torch.tensor([[-6.0], [-2.0], [-3.0]]), 1.0)[0]
-    assert not gap["conflict"] and gap["threshold"] == pytest.approx(0.5 * (gap["pos_threshold"] - 2.0))
-    assert (pos > gap["threshold"]).all() and gap["threshold"] > -2.0
-    overlap = calibrate_thresholds([pos], torch.tensor([[4.5], [0.0]]), 1.0)[0]
-    assert overlap["conflict"] and overlap["threshold"] == pytest.approx(overlap["pos_threshold"])
-    alone = calibrate_thresholds([pos], None, 1.0)[0]
-    assert alone["threshold"] == pytest.approx(4.0 - 1e-4) and "neg_max" not in alone
+def test_calibration_with_negatives_reports_conflict():
+    pos = torch.tensor([4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    t = positive_threshold(pos, 0.9)
+    low = calibrate_thresholds([pos], torch.tensor([[-6.0], [-2.0]]), 0.9)[0]
+    assert low["threshold"] == pytest.approx(t) and not low["conflict"] and low["held_out_fp"] == 0
+    high = calibrate_thresholds([pos], torch.tensor([[8.5], [0.0]]), 0.9)[0]
+    assert high["threshold"] == pytest.approx(t) and high["conflict"] and high["held_out_fp"] == 0.5
+    alone = calibrate_thresholds([pos], None, 0.9)[0]
+    assert alone["threshold"] == pytest.approx(t) and "neg_max" not in alone
+    assert calibrate_thresholds([torch.empty(0)], None, 0.9)[0]["calibrated"] is False
 
 
 # ---- negatives generator ----------------------------------------------------------------
@@ -131,7 +139,8 @@ def test_make_negatives_splits_by_source_and_is_deterministic(tmp_path):
     pytest.importorskip("sklearn")
     from PIL import Image
 
-    from vitlora.negatives import main as neg_main, make_negatives, source_names
+    from vitlora.negatives import main as neg_main
+    from vitlora.negatives import make_negatives, source_names
 
     train = make_negatives(tmp_path / "train", "train", per_image=2, seed=0)
     test = make_negatives(tmp_path / "test", "test", per_image=2, seed=0)

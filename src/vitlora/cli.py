@@ -33,7 +33,9 @@ def _train_parser(sub: Any) -> None:
                    help="replace: new head for the data's labels; extend: keep the base classes and add the new ones "
                         "(default: extend with --label, else replace)")
     p.add_argument("--label", help="class name for a flat folder of images (implies --mode extend)")
-    p.add_argument("--negatives", metavar="DIR", help="unlabelled photos of other things (extend mode)")
+    p.add_argument("--negatives", metavar="DIR",
+                   help="extend mode: unlabelled photos of other things (any folder tree), so the model learns "
+                        "where the new classes end; `python -m vitlora.negatives DIR` makes a starter set")
     p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.1)")
@@ -54,9 +56,14 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--early-stopping", type=int, dest="early_stopping", metavar="PATIENCE",
                    help="stop after PATIENCE epochs without a better validation accuracy")
-    p.add_argument("--distill", type=float, help="extend mode: weight of distillation on the base classes")
+    p.add_argument("--distill", type=float,
+                   help="extend mode: weight of distillation from the frozen base on the old classes (default 1)")
     p.add_argument("--target-recall", type=float, dest="target_recall",
-                   help="extend mode: calibrate the new classes' bias to this recall on held-out positives")
+                   help="extend mode: calibrate the new classes' bias to this recall on held-out positives "
+                        "(default 0.95)")
+    p.add_argument("--lora-lr-scale", type=float, dest="lora_lr_scale",
+                   help="LoRA learning rate as a fraction of --lr (default: 0.1 in extend mode, which keeps the "
+                        "base's old-class answers; 1 in replace mode)")
     p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of a skip")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -56,6 +56,7 @@ class TrainConfig:
     # extend-mode safeguards (see vitlora.extend)
     distill: float = 1.0  # weight of the distillation loss on old classes
     target_recall: float | None = 0.95  # bias calibration target on held-out positives
+    lora_lr_scale: float | None = None  # LoRA lr = lr * this; None: 0.1 in extend mode (head at full lr), else 1
 
     def validate(self) -> None:
         """Reject impossible values with one clear sentence each."""
@@ -82,6 +83,7 @@ class TrainConfig:
             (0.0 <= self.warmup < 1.0, "--warmup must be in [0, 1)"),
             (self.distill >= 0, "--distill must be non-negative"),
             (self.target_recall is None or 0 < self.target_recall <= 1, "--target-recall must be in (0, 1]"),
+            (self.lora_lr_scale is None or self.lora_lr_scale > 0, "--lora-lr-scale must be positive"),
         ]
         for ok, message in checks:
             if not ok:

@@ -37,10 +37,11 @@ from __future__ import annotations
 import argparse
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from .errors import VitloraError
 
@@ -86,7 +87,7 @@ def _loader(name: str) -> Callable[[int], np.ndarray]:
             from sklearn.datasets import load_sample_image
 
             return lambda i: load_sample_image(f"{name}.jpg")
-        import skimage.data as data
+        from skimage import data
     except ImportError as exc:
         raise VitloraError(
             f"making negatives needs scikit-image and scikit-learn ({exc.name} is missing): "
@@ -105,15 +106,13 @@ def _loader(name: str) -> Callable[[int], np.ndarray]:
     return lambda i: fn()
 
 
-def _crop(img: "PIL.Image.Image", rng: np.random.Generator, whole: bool) -> "PIL.Image.Image":  # noqa: F821
-    from PIL import Image
-
+def _crop(img: Image.Image, rng: np.random.Generator, whole: bool) -> Image.Image:
     w, h = img.size
     if not whole:
         for _ in range(10):
             area = w * h * rng.uniform(0.15, 1.0)
             aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
-            cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            cw, ch = round(float(np.sqrt(area * aspect))), round(float(np.sqrt(area / aspect)))
             if 8 <= cw <= w and 8 <= ch <= h:
                 left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
                 img = img.crop((left, top, left + cw, top + ch))
@@ -138,8 +137,6 @@ def make_negatives(out_dir: str | Path, split: str = "all", per_image: int = 12,
     `sources` narrows `split` to those source names. Deterministic for a given (source,
     per_image, seed); files already there are overwritten.
     """
-    from PIL import Image
-
     if per_image < 1:
         raise VitloraError("--per-image must be at least 1")
     names = source_names(split)

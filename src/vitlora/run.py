@@ -234,25 +234,20 @@ def predict_files(
 ) -> list[Prediction]:
     """`vitlora predict`: load a run and predict image files, as fast as the machine allows.
 
-    Decoding starts at once, in a background thread, while the model is still being
-    imported and loaded (seconds of single-threaded Python), so the first batches are ready
-    when the model is; the compute threads are then fitted to the cores that other
-    processes leave free (see `vitlora.runtime`), with one decode thread per ~4 cores
-    beside them.
+    The compute threads are fitted to the cores other processes leave free (see
+    `vitlora.runtime`), with one decode thread per ~4 cores beside them (decoding is ~1/5
+    of the work). Decoding is not started before the model is loaded: measured on 2 shared
+    cores, decode threads running during the imports slowed them more (the GIL) than the
+    decoding they got done.
     """
-    from .data import Preprocess, stream_decoded
+    from .data import stream_decoded
     from .runtime import CpuWatch, tune_threads, usable_cores
-    from .speed import background
 
     watch = CpuWatch()
-    meta, _ = read_run_files(run_dir)
-    pp = Preprocess.from_dict(meta["processor"])
-    decode_threads = max(1, usable_cores() // 4)
-    with background(stream_decoded(paths, pp, batch_size, num_threads=decode_threads),
-                    depth=max(2, 256 // max(1, batch_size))) as batches:
-        run = load(run_dir, device=device, precision=precision)
-        tune_threads(run.device, watch)
-        return run.predict_decoded(batches, top_k=top_k, skipped=skipped)
+    run = load(run_dir, device=device, precision=precision)
+    tune_threads(run.device, watch)
+    batches = stream_decoded(paths, run.preprocess, batch_size, num_threads=max(1, usable_cores() // 4))
+    return run.predict_decoded(batches, top_k=top_k, skipped=skipped)
 
 
 def base_fingerprint(model: nn.Module, exclude_head: bool = True) -> dict[str, Any]:

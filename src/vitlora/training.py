@@ -24,10 +24,10 @@ from . import __version__
 from .artifacts import check_out_dir, move_files_into, staging_dir, write_bytes_atomic, write_json_atomic
 from .config import TrainConfig
 from .errors import VitloraError
-from .extend import Extender, imprint_new_rows, prepare_extend
+from .extend import Extender, imprint_new_rows, lora_lr_scale, prepare_extend
 from .modeling import RUN_MARKER, load_base, load_processor_config, parameter_counts, wrap_lora
 from .runtime import Runtime, adapt_threads, barrier, setup, teardown
-from .speed import micro_batch_size, use_fast_lora_dropout
+from .speed import micro_batch_size, release_memory, use_fast_lora_dropout
 from .surgery import HeadChange, extend_head, replace_head
 from .targets import resolve_targets
 
@@ -95,16 +95,17 @@ def _schedule(total_steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay, scaled = [], [], {}
+def _optimizer(model: torch.nn.Module, config: TrainConfig, lora_scale: float = 1.0) -> torch.optim.Optimizer:
+    decay, no_decay, lora = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            if getattr(p, "lr_scale", 1.0) != 1.0:  # extend mode: LoRA moves the shared features slower
-                scaled.setdefault(p.lr_scale, []).append(p)
+            if lora_scale != 1.0 and "lora_" in name:  # LoRA weights at lr * lora_scale (extend mode: 0.1)
+                lora.append(p)
             else:
                 (no_decay if p.ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups += [{"params": ps, "weight_decay": config.weight_decay, "lr": config.lr * s} for s, ps in scaled.items()]
+    if lora:
+        groups.append({"params": lora, "weight_decay": config.weight_decay, "lr": config.lr * lora_scale})
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
@@ -262,8 +263,9 @@ def train(
         if micro < per_rank_batch:
             log(rt, f"each batch of {per_rank_batch} runs as {math.ceil(per_rank_batch / micro)} micro-batches "
                     f"of <= {micro} (activation memory; VITLORA_ACTIVATION_MB raises the budget)")
+        release_memory()  # what set-up freed (decoding, set-up passes) goes back to the OS before the steps
         steps_per_epoch = math.ceil(math.ceil(n_train / (per_rank_batch * rt.world_size)) / config.grad_accum)
-        opt = _optimizer(peft_model, config)
+        opt = _optimizer(peft_model, config, lora_lr_scale(config, mode))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps_per_epoch * config.epochs, config.warmup))
         gen = torch.Generator().manual_seed(config.seed)
         state = TrainState()

@@ -110,7 +110,7 @@ def build_cache(
     pp: Preprocess,
     train: bool,
     strict: bool = False,
-    num_threads: int = 2,
+    num_threads: int | None = None,
     disk_dir: str | None = None,
     memory_budget_bytes: int = 4 << 30,
     progress: bool = False,
@@ -126,6 +126,10 @@ def build_cache(
     """
     if not samples:
         raise VitloraError("no images to cache")
+    if num_threads is None:  # nothing else runs while the cache is built: every usable core decodes
+        from ..runtime import usable_cores
+
+        num_threads = usable_cores()
     if label2id is not None:
         unknown = sorted({s.label for s in samples if s.label is not None and s.label not in label2id})
         if unknown:
