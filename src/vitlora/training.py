@@ -452,7 +452,7 @@ def finalize_run(out: Path, state: TrainState, meta: dict[str, Any], labels_info
 def _epoch_line(r: dict[str, Any], epochs: int, improved: bool) -> str:
     parts = [f"epoch {r['epoch']}/{epochs}", f"train_loss {r['train_loss']:.4f}"]
     if "val_loss" in r:
-        parts += [f"val_loss {r['val_loss']:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
+        parts += [f"val_loss {r['val_loss'] + 0.0:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
     for key, name in (("new_class_recall", "recall"), ("false_positive_rate", "fp_rate"), ("retention", "retention")):
         if r.get(key) is not None:
             parts.append(f"{name} {r[key]:.4f}")
