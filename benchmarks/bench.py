@@ -39,8 +39,12 @@ the median of each figure:
   predict (both are also in the JSON);
 * final accuracy - reference: its ``val_accuracy``; vitlora: ``val_accuracy`` of the last
   epoch in metrics.json (best epoch's too, in the JSON);
-* ratio row - vitlora / reference for every column (throughput: higher is better; wall and
-  RSS: lower is better).
+* ratio row - vitlora / reference for throughput, RSS and accuracy; for wall time the
+  speed-up, reference / vitlora ("2.00× faster" = half the wall time);
+* ceiling rows (CPU lab suite; ``--no-ceiling`` skips them) - ``ceiling.py`` once per repeat:
+  the bare model's fp32 inference forward and its bare LoRA step (fp32 and bf16 autocast) at
+  batch 32 with no pipeline around it, as images/s and as a multiple of the reference's
+  training rate: what any trainer could reach on this machine.
 
 The raw numbers (every run, the command lines, CPU seconds, load average before/after each
 run, logs' paths) and the markdown table go to ``--out`` (JSON). Run logs are kept under
@@ -367,6 +371,46 @@ def one_run(p, a, ctx, rep):
 # summary
 # --------------------------------------------------------------------------------------------
 
+def ceiling_run(a, ctx, rep):
+    """``ceiling.py`` once (CPU only): the model's bare fp32 forward and LoRA step, same machine, same run."""
+    log = os.path.join(ctx["logs"], f"ceiling-r{rep}.log")
+    print(f"[ceiling-r{rep}] bare forward / LoRA step of {os.path.basename(a.model)}", flush=True)
+    proc = run_measured([sys.executable, os.path.join(HERE, "ceiling.py"), "--model", a.model], log,
+                        env=ctx["env"], timeout=a.timeout)
+    out = last_json_line(log) or {}
+    if proc.get("rc") != 0 or not out:
+        print(f"[ceiling-r{rep}] failed:\n{tail(log)}", flush=True)
+        return None
+    return out
+
+
+def ceiling_lines(ceilings, summary, predict_n=300):
+    """Markdown lines: the hardware ceiling as images/s and as a multiple of the lab reference's training rate."""
+    if not ceilings:
+        return ""
+    ref = next((s for s in summary.values() if s["suite"] == "lab" and s["kind"] == "reference" and s["ok_runs"]), None)
+    ref_rate = ref["train_images_per_s"] if ref else None
+    lines = ["", "", "| same machine, same run: bare model compute (`ceiling.py`, batch 32, no pipeline) | images/s "
+                 "| × reference lab train images/s |", "|---|---|---|"]
+    for key, what in (("forward_fp32_images_per_s", "inference forward, fp32 (no backward at all)"),
+                      ("step_fp32_images_per_s", "LoRA training step (forward + backward), fp32"),
+                      ("step_bf16_images_per_s", "LoRA training step, bf16 autocast")):
+        v = statistics.median([c[key] for c in ceilings])
+        lines.append(f"| {what} | {v:.2f} | " + (f"×{v / ref_rate:.2f}" if ref_rate else "-") + " |")
+    if all("startup_s" in c for c in ceilings):
+        start = statistics.median([c["startup_s"] for c in ceilings])
+        fwd = statistics.median([c["forward_fp32_images_per_s"] for c in ceilings])
+        n = max(1, int(predict_n))
+        floor = n / (start + n / fwd)
+        ref_pred = ref["predict_images_per_s"] if ref else None
+        lines.append(f"| predict floor, {n} images: start-up {start:.1f} s (import torch + transformers + PEFT, "
+                     f"load) + {n} images at the forward rate (decoding not counted) | {floor:.2f} | "
+                     + (f"×{floor / ref_pred:.2f} of reference predict images/s" if ref_pred else "-") + " |")
+    c0 = ceilings[0]
+    lines.append(f"| CPU bf16 matrix units (AMX / AVX-512-BF16) | {c0.get('amx')} / {c0.get('avx512_bf16')} | |")
+    return "\n".join(lines)
+
+
 COLUMNS = [
     ("train_images_per_s", "train images/s", 2),
     ("train_wall_s", "train wall s", 1),
@@ -427,16 +471,22 @@ def markdown_table(pipelines, summary, a):
                 cells = []
                 for k, _, _ in COLUMNS:
                     v, r = s.get(k), rs.get(k)
-                    cells.append(f"×{v / r:.2f}" if (v is not None and r) else "-")
+                    if v is None or not r or not v:
+                        cells.append("-")
+                    elif k == "train_wall_s":  # a speed-up: reference wall / vitlora wall
+                        cells.append(f"{r / v:.2f}× faster")
+                    else:
+                        cells.append(f"×{v / r:.2f}")
                 lines.append(f"| ratio {p.name} / {ref.name} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
 
 
-def save_results(result, a, records):
+def save_results(result, a, records, stem=None):
     """benchmarks/results/{cpu|gpu}-<date>.md (table, settings, every run) and the JSON beside it."""
-    folder = os.path.join(HERE, "results")
-    os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, f"{'gpu' if a.gpu else 'cpu'}-{datetime.date.today().isoformat()}")
+    if stem is None:
+        folder = os.path.join(HERE, "results")
+        os.makedirs(folder, exist_ok=True)
+        stem = os.path.join(folder, f"{'gpu' if a.gpu else 'cpu'}-{datetime.date.today().isoformat()}")
     with open(stem + ".json", "w") as fh:
         json.dump(result, fh, indent=1, default=str)
     env = result["environment"]
@@ -481,6 +531,26 @@ def save_results(result, a, records):
 # --------------------------------------------------------------------------------------------
 
 
+def render(a) -> int:
+    """Rebuild the tables of a saved run from its raw records (after a change to the table format)."""
+    with open(a.render) as fh:
+        result = json.load(fh)
+    saved = argparse.Namespace(**result["config"])
+    pipelines = [Pipeline(name, s["kind"], s["suite"]) for name, s in result["summary"].items()]
+    result["summary"] = summarise(pipelines, result["runs"])
+    result["table_markdown"] = (markdown_table(pipelines, result["summary"], saved)
+                                + ceiling_lines(result.get("ceiling") or [], result["summary"], saved.predict_n))
+    print(result["table_markdown"])
+    if a.save:
+        with open(a.render, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        # the .md beside a results JSON is named after the JSON
+        saved.argv = result["config"].get("argv") or []
+        md = save_results(result, saved, result["runs"], stem=os.path.splitext(os.path.abspath(a.render))[0])
+        print(f"saved: {md[0]}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Benchmark vitlora against the reference LoRA pipelines (see module docstring).",
@@ -510,10 +580,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-args", default="", help="extra args appended to the reference train scripts")
     ap.add_argument("--gpu", action="store_true",
                     help="GPU comparison: guide suite on CUDA, --model a local ViT-base/16 folder (see module doc)")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="re-print (and with --save re-write) the tables of a saved results JSON; runs nothing")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip ceiling.py (the bare model compute)")
     ap.add_argument("--save", action="store_true",
                     help="also write benchmarks/results/{cpu|gpu}-<date>.md and .json")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
+    if a.render:
+        return render(a)
     if a.quick:
         a.repeats, a.epochs, a.guide_epochs, a.predict_n = 1, 2, 2, 60
     if a.gpu:
@@ -571,7 +646,7 @@ def main(argv=None) -> int:
     ctx["predict_dir"] = os.path.join(workdir, "predict_images")
     ctx["predict_paths"] = make_predict_dir(a.data, ctx["predict_dir"], a.predict_n)
 
-    records = []
+    records, ceilings = [], []
     for rep in range(a.repeats):
         for suite in suites:
             ps = [p for p in pipelines if p.suite == suite]
@@ -583,9 +658,13 @@ def main(argv=None) -> int:
                                     "ok": False, "error": "not available"})
                     continue
                 records.append(one_run(p, a, ctx, rep))
+        if "lab" in suites and not a.gpu and not a.no_ceiling:
+            c = ceiling_run(a, ctx, rep)
+            if c:
+                ceilings.append(c)
 
     summary = summarise(pipelines, records)
-    table = markdown_table(pipelines, summary, a)
+    table = markdown_table(pipelines, summary, a) + ceiling_lines(ceilings, summary, a.predict_n)
     try:
         import torch
 
@@ -618,6 +697,7 @@ def main(argv=None) -> int:
         "table_markdown": table,
         "summary": summary,
         "runs": records,
+        "ceiling": ceilings,
     }
     out_dir = os.path.dirname(os.path.abspath(a.out))
     os.makedirs(out_dir, exist_ok=True)

@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out_hint = config.out
     try:
         train(config, overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False),
-              progress=not getattr(args, "quiet", False))
+              progress=not getattr(args, "quiet", False), load_run=False)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished epochs are saved; continue with "
               f"vitlora train {config.data} --out {out_hint or config.out or 'RUN_DIR'} --resume", file=sys.stderr)

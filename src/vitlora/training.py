@@ -171,15 +171,19 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    load_run: bool = True,
 ) -> "Any":
     """Fine-tune with LoRA as `config` says; returns the loaded best `Run`.
+
+    `load_run=False` returns the run directory (a `Path`) instead: the CLI does not need the
+    model back, and loading it again costs seconds of a short run's wall time.
 
     `on_epoch_end(record)` is called on the main process after each epoch's checkpoint is
     written (so raising from it, e.g. KeyboardInterrupt, simulates an interruption).
     """
     from tqdm.auto import tqdm
 
-    from .data import build_cache, discover, normalize, random_resized_crop_flip, stratified_split
+    from .data import build_cache, discover, random_resized_crop_flip, stratified_split
     from .data.transforms import Preprocess
     from .metrics import classification_report
 
@@ -423,6 +427,8 @@ def train(
         barrier(rt)
     finally:
         teardown(rt)
+    if not load_run:
+        return out
     from .run import load
 
     return load(out, device=str(rt.device) if rt.device.type == "cuda" else "cpu")
