@@ -56,8 +56,8 @@ reference numbers are still reported; ``--only reference`` skips it entirely.
 
 ``--quick``: 1 repeat, 2 epochs (both suites), 60 predict images - a smoke run.
 
-``--save`` also writes the table and the raw JSON to ``benchmarks/results/{cpu|gpu}-<date>.md``
-and ``.json`` (next to this script).
+``--save`` also writes the table and the raw JSON to
+``benchmarks/results/{cpu|gpu}-{lab|guide|both}-<date>.md`` and ``.json`` (next to this script).
 
 ``--gpu``: the GPU comparison the PEFT guide was written for - the ``guide`` suite on a CUDA
 device with a ViT-base/16 checkpoint (``--model`` must be a local ViT-base folder, e.g. a
@@ -486,7 +486,7 @@ def save_results(result, a, records, stem=None):
     if stem is None:
         folder = os.path.join(HERE, "results")
         os.makedirs(folder, exist_ok=True)
-        stem = os.path.join(folder, f"{'gpu' if a.gpu else 'cpu'}-{datetime.date.today().isoformat()}")
+        stem = os.path.join(folder, f"{'gpu' if a.gpu else 'cpu'}-{a.suite}-{datetime.date.today().isoformat()}")
     with open(stem + ".json", "w") as fh:
         json.dump(result, fh, indent=1, default=str)
     env = result["environment"]
@@ -584,7 +584,7 @@ def main(argv=None) -> int:
                     help="re-print (and with --save re-write) the tables of a saved results JSON; runs nothing")
     ap.add_argument("--no-ceiling", action="store_true", help="skip ceiling.py (the bare model compute)")
     ap.add_argument("--save", action="store_true",
-                    help="also write benchmarks/results/{cpu|gpu}-<date>.md and .json")
+                    help="also write benchmarks/results/{cpu|gpu}-{suite}-<date>.md and .json")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     if a.render:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the main job: extend DeiT-tiny's 1000 ImageNet classes with "raccoon",
-# trained on a folder of raccoon photos, then print top-5 predictions for held-out photos.
+# trained on a folder of raccoon photos, then print top-5 predictions for three of the photos.
 #   MODEL: hub id or local folder (default: the shared copy beside this repo, else the hub id)
 #   DATA:  a flat folder of photos of the new class (default: ../shared/data/raccoon)
 set -euo pipefail
