@@ -482,7 +482,7 @@ def markdown_table(pipelines, summary, a):
 
 
 def save_results(result, a, records, stem=None):
-    """benchmarks/results/{cpu|gpu}-<date>.md (table, settings, every run) and the JSON beside it."""
+    """benchmarks/results/{cpu|gpu}-{suite}-<date>.md (table, settings, every run) and the JSON beside it."""
     if stem is None:
         folder = os.path.join(HERE, "results")
         os.makedirs(folder, exist_ok=True)
