@@ -46,6 +46,30 @@ def test_replace_run_directory_contract(replace_run: Path):
     assert adapter_cfg["modules_to_save"] == ["classifier"] and adapter_cfg["r"] == 4
 
 
+def test_best_epoch_is_most_accurate_then_lowest_val_loss(replace_run: Path, colour_folder: Path, tmp_path: Path):
+    """Ties on validation accuracy (common with small validation sets) go to the lower validation loss,
+    and the adapter on disk is that epoch's: `vitlora eval` on the held-out photos gives its recorded loss."""
+    import shutil
+
+    from vitlora.data import discover, stratified_split
+
+    m = json.loads((replace_run / "metrics.json").read_text())
+    top = max(e["val_accuracy"] for e in m["epochs"])
+    expected = min((e for e in m["epochs"] if e["val_accuracy"] == top), key=lambda e: (e["val_loss"], e["epoch"]))
+    assert m["best_epoch"] == expected["epoch"]
+    _, held_out = stratified_split(discover(str(colour_folder)).samples, 0.25, 0)  # the run's split (seed 0)
+    val = tmp_path / "val"
+    for sample in held_out:
+        (val / sample.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample.path, val / sample.label / Path(sample.path).name)
+    out = tmp_path / "eval.json"
+    assert run_cli("eval", replace_run, val, "--json", out) == 0
+    r = json.loads(out.read_text())
+    assert r["n_images"] == len(held_out)
+    assert r["accuracy"] == pytest.approx(expected["val_accuracy"])
+    assert r["nll"] == pytest.approx(expected["val_loss"], abs=1e-4)
+
+
 def test_colour_classes_are_learned(replace_run: Path, colour_folder: Path, tmp_path: Path):
     out = tmp_path / "eval.json"
     assert run_cli("eval", replace_run, colour_folder, "--json", out) == 0

@@ -55,7 +55,7 @@ def _train_parser(sub: Any) -> None:
                    help="auto picks bf16 where the hardware has bf16 matrix units, else fp32/fp16")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--early-stopping", type=int, dest="early_stopping", metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without a better validation accuracy")
+                   help="stop after PATIENCE epochs without a better epoch (validation accuracy, then lower loss)")
     p.add_argument("--distill", type=float,
                    help="extend mode: weight of distillation from the frozen base on the old classes (default 1)")
     p.add_argument("--target-recall", type=float, dest="target_recall",

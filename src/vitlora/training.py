@@ -47,6 +47,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
     best_score: float = -math.inf
+    best_tiebreak: float = -math.inf  # replace mode: -val_loss, so equal accuracy keeps the more confident epoch
     bad_epochs: int = 0
 
 
@@ -377,25 +378,29 @@ def train(
             train_s = time.time() - t_epoch
             record: dict[str, Any] = {"epoch": epoch, "train_loss": _mean_across(loss_sum, loss_n, rt),
                                       "images_per_s": seen / max(1e-9, train_s), "train_s": train_s}
-            # evaluation on the main process; the decision is broadcast so ranks stay in step
-            score = torch.tensor([0.0])
+            # evaluation on the main process; the decision is broadcast so ranks stay in step.
+            # score = [what "best" means, tie-break]: accuracy then lower val loss (a small
+            # validation set often reaches 100 % in epoch 1; the later, lower-loss epoch is better);
+            # extend mode has its own score (vitlora.extend) and keeps the earliest on ties.
+            score = torch.tensor([0.0, 0.0], dtype=torch.float64)
             if rt.is_main and val_cache is not None:
                 logits = evaluate_cache(peft_model, val_cache, pp, rt)
                 rep = classification_report(logits, val_cache.labels, id2label)
                 record.update({"val_loss": rep["nll"], "val_accuracy": rep["accuracy"],
                                "val_macro_f1": rep["macro_f1"]})
-                score[0] = rep["accuracy"]
+                score[0], score[1] = rep["accuracy"], -rep["nll"]
                 if ext is not None:  # new-class recall; FP rate and retention on held-out negatives
                     record.update(ext.validate(logits))
-                    score[0] = ext.score(record)
+                    score[0], score[1] = ext.score(record), 0.0
             elif rt.is_main:
                 score[0] = float(epoch)  # no validation data: the last epoch is the best
             if rt.distributed:
                 torch.distributed.broadcast(score, src=0)
             record["wall_s"] = time.time() - t_start
-            improved = float(score[0]) > state.best_score
+            primary, tiebreak = float(score[0]), float(score[1])
+            improved = primary > state.best_score or (primary == state.best_score and tiebreak > state.best_tiebreak)
             if improved:
-                state.best_score, state.best_epoch, state.bad_epochs = float(score[0]), epoch, 0
+                state.best_score, state.best_tiebreak, state.best_epoch, state.bad_epochs = primary, tiebreak, epoch, 0
             else:
                 state.bad_epochs += 1
             state.epoch = epoch
