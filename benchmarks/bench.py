@@ -474,7 +474,7 @@ def markdown_table(pipelines, summary, a):
                     if v is None or not r or not v:
                         cells.append("-")
                     elif k == "train_wall_s":  # a speed-up: reference wall / vitlora wall
-                        cells.append(f"{r / v:.2f}× faster")
+                        cells.append(f"{r / v:.2f}× faster" if r >= v else f"{v / r:.2f}× slower")
                     else:
                         cells.append(f"×{v / r:.2f}")
                 lines.append(f"| ratio {p.name} / {ref.name} | " + " | ".join(cells) + " | |")

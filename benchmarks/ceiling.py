@@ -27,20 +27,7 @@ import os
 import statistics
 import time
 
-
-def process_age_s() -> float:
-    """Seconds since this process started (Linux /proc; else since this module was imported)."""
-    try:
-        with open("/proc/self/stat") as fh:
-            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as fh:
-            uptime = float(fh.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _T0
-
-
-_T0 = time.perf_counter()
+from _refcommon import process_start_epoch, resolve_targets
 
 
 def main() -> None:
@@ -56,11 +43,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = AutoModelForImageClassification.from_pretrained(a.model)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = ["query", "value"] if "query" in names else ["q_proj", "v_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                  target_modules=resolve_targets(model),
                                                   modules_to_save=["classifier"]))
-    startup_s = process_age_s()
+    startup_s = time.time() - process_start_epoch()
     x = torch.randn(a.batch, 3, 224, 224)
 
     def forward() -> None:

@@ -68,53 +68,25 @@ Examples::
         --predict-dir /work/shared/data/raccoon --json /tmp/guide_pred.json
 """
 
-import time as _time
+from _refcommon import (  # noqa: E402 - first: process start time before the heavy imports
+    excl_eval_rate,
+    list_images,
+    peak_rss_mb,
+    process_start_epoch,
+    resolve_targets,
+)
 
-_T_IMPORT = _time.time()
-
-
-def _process_start_epoch() -> float:
-    """Wall-clock time this process was started (from /proc/self/stat), else _T_IMPORT."""
-    try:
-        import os as _os
-
-        with open("/proc/self/stat") as fh:
-            stat = fh.read()
-        fields = stat.rsplit(")", 1)[1].split()
-        start_ticks = int(fields[19])  # field 22 of stat(5)
-        with open("/proc/uptime") as fh:
-            uptime = float(fh.read().split()[0])
-        now = _time.time()
-        start = now - (uptime - start_ticks / _os.sysconf("SC_CLK_TCK"))
-        return min(start, _T_IMPORT)
-    except Exception:  # pragma: no cover
-        return _T_IMPORT
-
-
-T_START = _process_start_epoch()
+T_START = process_start_epoch()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
 import sys  # noqa: E402
+import time as _time  # noqa: E402
 
 DEFAULT_MODEL = "/work/shared/models/deit-tiny-patch16-224"
 DEFAULT_DATA = "/tmp/vitlora_guide_data"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + kids) / 1024.0
-
-
-def list_images(folder: str) -> list:
-    return sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)
-    )
 
 
 def stratified_indices(dataset, fraction: float, seed: int):
@@ -148,23 +120,6 @@ def stratified_indices(dataset, fraction: float, seed: int):
         rng.shuffle(idx)
         held.update(idx[:k])
     return [i for i in order if i not in held], [i for i in order if i in held]
-
-
-def _excl_eval_rate(trainer, n_images, train_wall):
-    """Images / (seconds in trainer.train() minus the per-epoch evaluations' eval_runtime)."""
-    hist = trainer.state.log_history
-    evals = sum(r.get("eval_runtime", 0.0) for r in hist if "eval_runtime" in r)
-    busy = train_wall - evals
-    return n_images / busy if busy > 0 else None
-
-
-def resolve_targets(model) -> list:
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    if {"query", "value"} <= names:
-        return ["query", "value"]
-    if {"q_proj", "v_proj"} <= names:
-        return ["q_proj", "v_proj"]
-    raise SystemExit(f"cannot find query/value projections in {type(model).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +372,7 @@ def train(args) -> dict:
     train_results = trainer.train()
     train_wall = _time.perf_counter() - t0
     n_images_trained = len(train_ds) * args.epochs
-    rate_excl_eval = _excl_eval_rate(trainer, n_images_trained, train_wall)  # before any later evaluate()
+    rate_excl_eval = excl_eval_rate(trainer, n_images_trained, train_wall)  # before any later evaluate()
 
     adapter_dir = os.path.join(args.out, "adapter")
     lora_model.save_pretrained(adapter_dir)
