@@ -106,34 +106,6 @@ def split_negatives(paths: list[str], fraction: float, seed: int) -> tuple[list[
     return [p for p in paths if os.path.dirname(p) not in held], [p for p in paths if os.path.dirname(p) in held]
 
 
-def split_negatives(paths: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out about `fraction` of the negatives, seeded like the positives' split.
-
-    When they lie in 5 or more folders, whole folders are held out (for `vitlora.negatives`
-    output: whole source images), so the held-out false-positive rate and retention are
-    measured on pictures unlike any trained on, not on near-copies of them; otherwise files.
-    """
-    import os
-    import random
-
-    from .data import Sample, stratified_split
-
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        groups.setdefault(os.path.dirname(p), []).append(p)
-    if fraction <= 0 or len(groups) < 5:
-        train, val = stratified_split([Sample(p, None) for p in paths], fraction, seed)
-        return [s.path for s in train], [s.path for s in val]
-    names = sorted(groups)
-    random.Random(seed).shuffle(names)
-    target, held = max(1, round(fraction * len(paths))), set()
-    for name in names[:-1]:  # never all of them
-        if sum(len(groups[g]) for g in held) >= target:
-            break
-        held.add(name)
-    return [p for p in paths if os.path.dirname(p) not in held], [p for p in paths if os.path.dirname(p) in held]
-
-
 class Extender:
     """The training loop's extend-mode hook: negatives, teacher outputs, loss, validation, calibration.
 

@@ -129,6 +129,12 @@ _HARMLESS = frozenset({
 })
 
 
+def _plain_lora(cfg: dict[str, Any]) -> bool:
+    """Vanilla LoRA: every setting beyond rank/alpha/targets is off (no DoRA, patterns, variants, LoRA bias)."""
+    plain = cfg.get("peft_type") == "LORA" and isinstance(cfg.get("r"), int) and cfg.get("bias", "none") == "none"
+    return plain and all(key in _HARMLESS or value in (None, False, {}, [], "none", "") for key, value in cfg.items())
+
+
 def merge_adapter_fast(model: nn.Module, adapter_dir: str | Path) -> bool:
     """Fold a saved PEFT LoRA adapter into ``model`` in place, without importing PEFT.
 
@@ -143,11 +149,7 @@ def merge_adapter_fast(model: nn.Module, adapter_dir: str | Path) -> bool:
     if not (cfg_file.is_file() and weights_file.is_file()):
         return False
     cfg: dict[str, Any] = json.loads(cfg_file.read_text())
-    plain = cfg.get("peft_type") == "LORA" and isinstance(cfg.get("r"), int) and cfg.get("bias", "none") == "none"
-    for key, value in cfg.items():  # every other setting must be off: DoRA, patterns, variants, ...
-        if key not in _HARMLESS and value not in (None, False, {}, [], "none", ""):
-            plain = False
-    if not plain:
+    if not _plain_lora(cfg):
         return False
     from safetensors.torch import load_file
 
