@@ -115,3 +115,15 @@ def test_merge_refuses_the_run_itself_inside_it_or_its_parent(tmp_path):
     with pytest.raises(VitloraError, match="holds no config.json"):
         check_destination(notes, run, overwrite=True, kind_file="config.json")
     assert check_destination(tmp_path / "fresh", run, overwrite=False) == (tmp_path / "fresh").resolve()
+
+
+def test_merge_and_export_into_the_run_are_refused_and_the_run_survives(capsys, tiny_model, colour_folder, tmp_path):
+    run = tmp_path / "runs" / "a"
+    assert cli(capsys, "train", colour_folder, "--model", tiny_model, "--out", run, "--epochs", "1",
+               "--batch-size", "8", "--quiet")[0] == 0
+    before = sorted(p.name for p in run.iterdir())
+    for command in ("merge", "export"):
+        for dest in (run, tmp_path / "runs"):
+            code, err = cli(capsys, command, run, dest, "--overwrite")
+            assert code == 2 and "inside it or contains it" in one_line_error(err), (command, dest)
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -316,9 +316,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import MODEL_FILE, export_onnx
     from .run import load
+    from .rundir import check_destination
 
+    check_destination(args.out_dir, args.run_dir, args.overwrite, kind_file=MODEL_FILE)  # never the run itself
     run = load(args.run_dir, device="cpu", merge=True)
     report = export_onnx(run.model, args.out_dir, run.settings["processor"], overwrite=args.overwrite)
     print(f"wrote {report.path}: {report.n_labels} labels, opset {report.opset}; verified against PyTorch at "
