@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Measure vitlora's CPU speed levers one at a time, side by side in one process.
 
-``step`` (default): the LoRA training step on DeiT-tiny (extend head, LoRA on query/value, the
-real augmentation from a uint8 cache), for variants ``THREADS:DROPOUT:BATCH[/MICRO]``:
+``step`` (default): vitlora's own training step (``vitlora.loop.Loop.step`` on the model
+``vitlora.training.build_model`` builds: DeiT-tiny, extend head, LoRA on query/value, the real
+augmentation from a uint8 cache), for variants ``THREADS:DROPOUT:BATCH[/MICRO]``:
 
-* ``DROPOUT``: ``peft`` (PEFT's ``nn.Dropout``), ``fast`` (``vitlora.speed.FastDropout``, what
+* ``DROPOUT``: ``peft`` (PEFT's ``nn.Dropout``), ``fast`` (``vitlora.lora.FastDropout``, what
   ``vitlora train`` uses) or ``none`` (no dropout: the floor);
 * ``BATCH/MICRO``: optimizer batch and micro-batch (gradient accumulation inside the batch).
 
@@ -37,23 +38,38 @@ import time
 MODEL = "/work/shared/models/deit-tiny-patch16-224"
 
 
-def build(model_path: str, rank: int, dropout: float):
+class RandomCache:
+    """Random uint8 "photos" of the new class (index 1000), shaped like vitlora's decoded training cache."""
+
+    def __init__(self, n: int) -> None:
+        import torch
+
+        self.images = torch.randint(0, 256, (n, 3, 256, 256), dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx):
+        import torch
+
+        return self.images[idx], torch.full((len(idx),), 1000)
+
+
+def build(model_path: str, rank: int, dropout: float, cache: RandomCache):
+    """vitlora's model phase and training loop set-up, as `vitlora train DATA --label raccoon` runs them."""
     import torch
 
-    from vitlora.data.transforms import Preprocess
-    from vitlora.modeling import load_base, load_processor_config, wrap_lora
-    from vitlora.surgery import extend_head
-    from vitlora.targets import resolve_targets
+    from vitlora.config import TrainConfig
+    from vitlora.loop import Job, Loop
+    from vitlora.runtime import Runtime
+    from vitlora.training import build_model
 
-    torch.manual_seed(0)
-    pp = Preprocess.from_dict(load_processor_config(model_path))
-    model, _ = load_base(model_path)
-    change = extend_head(model, ["raccoon"])
-    targets = resolve_targets(model, ["query", "value"], change.head_name)
-    peft_model = wrap_lora(model, targets, change.head_name, rank, 2 * rank, dropout)
-    peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
-    return peft_model, opt, pp
+    config = TrainConfig(data="-", model=model_path, label="raccoon", rank=rank, alpha=2 * rank, dropout=dropout,
+                         lr=1e-4, lp_steps=0)
+    built = build_model(config, ["raccoon"])
+    built.peft_model.train()
+    job = Job(built.peft_model, cache, None, built.pp, dict(enumerate(built.change.labels)))
+    return built.peft_model, Loop(job, config, Runtime(torch.device("cpu"), "fp32", ""), lora_scale=1.0)
 
 
 def parse_batch(text: str) -> tuple[int, int]:
@@ -61,40 +77,30 @@ def parse_batch(text: str) -> tuple[int, int]:
     return int(batch), int(micro or batch)
 
 
-def train_steps(peft_model, opt, pp, cache, gen, batch: int, micro: int, images: int) -> None:
+def train_steps(loop, gen, batch: int, micro: int, images: int) -> None:
     import torch
-    import torch.nn.functional as F
 
-    from vitlora.data.transforms import random_resized_crop_flip
-
-    for _ in range(max(1, images // batch)):
-        idx = torch.randint(0, len(cache), (batch,), generator=gen)
-        for part in idx.split(micro):
-            x = random_resized_crop_flip(cache[part], pp, generator=gen)
-            labels = torch.full((len(part),), 1000)
-            loss = F.cross_entropy(peft_model(pixel_values=x).logits.float(), labels) * (len(part) / batch)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    loop.micro = micro
+    for i in range(max(1, images // batch)):
+        loop.step(torch.randint(0, len(loop.job.train_cache), (batch,), generator=gen), 1, i, last=True)
 
 
 def step(a: argparse.Namespace) -> None:
     import torch
 
-    from vitlora import speed
+    from vitlora.lora import FastDropout
 
-    peft_model, opt, pp = build(a.model, a.rank, a.dropout)
+    peft_model, loop = build(a.model, a.rank, a.dropout, RandomCache(128))
     drops = [m.lora_dropout for m in peft_model.modules() if isinstance(getattr(m, "lora_dropout", None),
                                                                             torch.nn.ModuleDict)]
 
     def set_dropout(kind: str) -> None:
         for d in drops:
             for name in list(d.keys()):
-                d[name] = {"peft": lambda: torch.nn.Dropout(a.dropout), "fast": lambda: speed.FastDropout(a.dropout),
+                d[name] = {"peft": lambda: torch.nn.Dropout(a.dropout), "fast": lambda: FastDropout(a.dropout),
                            "none": torch.nn.Identity}[kind]()
         peft_model.train()
 
-    cache = torch.randint(0, 256, (128, 3, 256, 256), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     variants = [v.split(":") for v in a.variants.split(",")]
     wall: dict[str, list[float]] = {":".join(v): [] for v in variants}
@@ -106,7 +112,7 @@ def step(a: argparse.Namespace) -> None:
             batch, micro = parse_batch(batch_spec)
             n = max(1, a.images // batch) * batch
             t0, c0 = time.perf_counter(), time.process_time()
-            train_steps(peft_model, opt, pp, cache, gen, batch, micro, a.images)
+            train_steps(loop, gen, batch, micro, a.images)
             if r:  # round 0 warms up
                 key = f"{threads}:{kind}:{batch_spec}"
                 wall[key].append(n / (time.perf_counter() - t0))
@@ -123,15 +129,11 @@ def step(a: argparse.Namespace) -> None:
 def memory_child(a: argparse.Namespace) -> None:
     import torch
 
-    peft_model, opt, pp = build(a.model, a.rank, a.dropout)
-    from vitlora import speed
-
-    speed.use_fast_lora_dropout(peft_model)
     batch, micro = parse_batch(a.variants)
-    cache = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8)
+    _, loop = build(a.model, a.rank, a.dropout, RandomCache(batch))  # FastDropout: what `vitlora train` uses
     gen = torch.Generator().manual_seed(0)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    train_steps(peft_model, opt, pp, cache, gen, batch, micro, 3 * batch)
+    train_steps(loop, gen, batch, micro, 3 * batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"RESULT {base:.0f} {peak:.0f}")
 

@@ -184,17 +184,17 @@ def test_push_unreachable_hub_fails_before_touching_anything(run_dir, hf_calls, 
 
 @pytest.mark.parametrize("remove", ["adapter_config.json", "vitlora.json"])
 def test_push_non_run_folder_fails(run_dir, hf_calls, monkeypatch, remove):
-    monkeypatch.setattr(hub, "_hub_unreachable_reason", lambda: pytest.fail("checked the hub first"))
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: pytest.fail("checked the hub first"))
     (run_dir / remove).unlink()
     with pytest.raises(VitloraError, match=f"not a vitlora run folder.*{remove}"):
         hub.push_run(run_dir, "me/raccoons", token="hf_x")
-    with pytest.raises(VitloraError, match="not a vitlora run folder"):
+    with pytest.raises(VitloraError, match="run directory not found"):
         hub.push_run(run_dir / "does-not-exist", "me/raccoons", token="hf_x")
     assert hf_calls == []
 
 
 def test_push_without_token_fails(run_dir, hf_calls, monkeypatch):
-    monkeypatch.setattr(hub, "_hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(hub, "get_token", lambda: None)
     with pytest.raises(VitloraError, match="hf auth login"):
         hub.push_run(run_dir, "me/raccoons")
@@ -202,7 +202,7 @@ def test_push_without_token_fails(run_dir, hf_calls, monkeypatch):
 
 
 def test_push_invalid_repo_id_fails(run_dir, hf_calls, monkeypatch):
-    monkeypatch.setattr(hub, "_hub_unreachable_reason", lambda: pytest.fail("checked the hub first"))
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: pytest.fail("checked the hub first"))
     with pytest.raises(VitloraError, match="invalid hub repo id"):
         hub.push_run(run_dir, "not a repo id", token="hf_x")
     assert hf_calls == []
@@ -251,7 +251,7 @@ def test_ignore_patterns_keep_artifacts_and_drop_checkpoints(run_dir):
 
 
 def test_push_reports_hub_errors_as_vitlora_error(run_dir, monkeypatch):
-    monkeypatch.setattr(hub, "_hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
 
     def refuse(self, *args, **kwargs):
         raise RuntimeError("403 Forbidden:\nyou cannot write to me/raccoons")

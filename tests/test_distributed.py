@@ -34,7 +34,7 @@ ARGS = ["--epochs", "3", "--batch-size", "16", "--grad-accum", "2", "--lr", "5e-
 PROBE = r'''
 import json, os, sys
 import torch
-import vitlora.training as T
+import vitlora.loop as L
 from vitlora.cli import main
 
 wrapped = []
@@ -44,7 +44,7 @@ class DDP(torch.nn.parallel.DistributedDataParallel):  # records the model the l
         super().__init__(module, *args, **kwargs)
         wrapped.append(module)
 
-real_barrier = T.barrier
+real_barrier = L.barrier
 
 def barrier(rt):
     if rt.distributed and wrapped:
@@ -59,7 +59,7 @@ def barrier(rt):
     real_barrier(rt)
 
 torch.nn.parallel.DistributedDataParallel = DDP
-T.barrier = barrier
+L.barrier = barrier
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -1,4 +1,4 @@
-"""Extend-mode machinery (vitlora.extend, vitlora.negatives) on a tiny random ViT (fast)."""
+"""Extend-mode machinery (vitlora.extend, extend_math, heads, vitlora.negatives) on a tiny random ViT (fast)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY_BASE_LABELS, make_colour_images
 
 from vitlora.cli import main
-from vitlora.extend import (
+from vitlora.extend_math import (
     calibrate_thresholds,
     distill_kl,
     extend_loss,
@@ -193,8 +193,9 @@ def test_extend_keeps_old_head_rows_exactly(ext_run: Path, tiny_model: Path):
 def test_imprinting_initialises_new_rows_from_class_means(tiny_model: Path, colour_folder: Path):
     from vitlora.data import build_cache, discover
     from vitlora.data.transforms import Preprocess
-    from vitlora.extend import base_outputs, imprint_new_rows, trainable_head
-    from vitlora.modeling import load_base, load_processor_config, wrap_lora
+    from vitlora.heads import base_outputs, imprint_new_rows, trainable_head
+    from vitlora.lora import wrap_lora
+    from vitlora.modeling import load_base, load_processor_config
     from vitlora.surgery import replace_head
 
     model, _ = load_base(str(tiny_model))
@@ -237,7 +238,7 @@ def test_multi_class_extend_imagefolder(tiny_model: Path, colour_folder: Path, n
 def test_stacking_two_extend_runs_keeps_old_and_first_classes(ext_run: Path, tiny_model: Path, tmp_path: Path,
                                                              neg_folder: Path):
     import vitlora
-    from vitlora.extend import negative_metrics
+    from vitlora.evaluation import negative_metrics
 
     greens = tmp_path / "greens"
     make_colour_images(greens, "green", 12, seed=21)
@@ -262,7 +263,7 @@ def test_stacking_two_extend_runs_keeps_old_and_first_classes(ext_run: Path, tin
 def test_negative_metrics_match_hand_computation(ext_run: Path, red_folder: Path, neg_folder: Path, tiny_model):
     import vitlora
     from vitlora.data import expand_image_paths
-    from vitlora.extend import negative_metrics
+    from vitlora.evaluation import negative_metrics
     from vitlora.modeling import load_base
 
     run = vitlora.load(ext_run)

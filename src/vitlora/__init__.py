@@ -15,13 +15,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "Run", "train", "load", "evaluate", "VitloraError", "__version__"]
+__all__ = ["TrainConfig", "Run", "train", "train_to_dir", "load", "evaluate", "VitloraError", "__version__"]
 
 _LAZY = {
     "TrainConfig": ("vitlora.config", "TrainConfig"),
     "Run": ("vitlora.run", "Run"),
     "load": ("vitlora.run", "load"),
     "train": ("vitlora.training", "train"),
+    "train_to_dir": ("vitlora.training", "train_to_dir"),
     "evaluate": ("vitlora.evaluation", "evaluate"),
     "VitloraError": ("vitlora.errors", "VitloraError"),
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,53 +19,38 @@ from . import __version__
 from .errors import VitloraError
 
 
+# argparse details the TrainConfig fields cannot say; help texts and defaults come from the fields
+_FLAG_EXTRAS: dict[str, dict[str, Any]] = {
+    "val": {"metavar": "VAL_DATA"}, "out": {"metavar": "RUN_DIR"}, "negatives": {"metavar": "DIR"},
+    "early_stopping": {"metavar": "PATIENCE"}, "mode": {"choices": ["replace", "extend"]},
+    "precision": {"choices": ["auto", "fp32", "bf16", "fp16"]},
+}
+
+
+def _field_help(f: Any) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(default, list):
+        default = ",".join(default)
+    shown = f" (default {default:g})" if isinstance(default, float) else f" (default {default})"
+    return f.metadata["help"] + ("" if default is None or default == "" or default is False else shown)
+
+
 def _train_parser(sub: Any) -> None:
+    from .config import TrainConfig, field_kind
+
     p = sub.add_parser("train", help="fine-tune a model with LoRA on a folder of images",
                        argument_default=argparse.SUPPRESS,
                        description="Fine-tune a pretrained image classifier with LoRA. DATA is an ImageFolder "
                                    "(one sub-folder per class), a flat folder of one class with --label, a CSV/JSONL "
                                    "manifest of path,label, or hf:NAME[:CONFIG]/SPLIT.")
     p.add_argument("data", metavar="DATA")
-    p.add_argument("--val", metavar="VAL_DATA", help="validation data (default: hold out --val-split of DATA)")
-    p.add_argument("--model", help="hub id or local folder of the base model, or an earlier run to stack on "
-                                   "(default facebook/deit-tiny-patch16-224)")
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory to write (default runs/<data>-<label|mode>)")
-    p.add_argument("--mode", choices=["replace", "extend"],
-                   help="replace: new head for the data's labels; extend: keep the base classes and add the new ones "
-                        "(default: extend with --label, else replace)")
-    p.add_argument("--label", help="class name for a flat folder of images (implies --mode extend)")
-    p.add_argument("--negatives", metavar="DIR",
-                   help="extend mode: unlabelled photos of other things (any folder tree), so the model learns "
-                        "where the new classes end; `python -m vitlora.negatives DIR` makes a starter set")
-    p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
-    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.1)")
-    p.add_argument("--targets", help="comma-separated: query,key,value,output,mlp (default query,value)")
-    p.add_argument("--epochs", type=int, help="default 5")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="global batch size (default 32)")
-    p.add_argument("--grad-accum", type=int, dest="grad_accum", help="gradient accumulation steps (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate, warmup then cosine decay (default 2e-3)")
-    p.add_argument("--weight-decay", type=float, dest="weight_decay", help="default 0.01")
-    p.add_argument("--warmup", type=float, help="fraction of steps spent warming up (default 0.1)")
-    p.add_argument("--label-smoothing", type=float, dest="label_smoothing", help="default 0")
-    p.add_argument("--val-split", type=float, dest="val_split", help="fraction held out when no --val (default 0.1)")
-    p.add_argument("--seed", type=int, help="seed for split, init, shuffling and augmentation (default 0)")
-    p.add_argument("--aug-scale-min", type=float, dest="aug_scale_min",
-                   help="smallest random-resized-crop area fraction (default 0.25)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto picks bf16 where the hardware has bf16 matrix units, else fp32/fp16")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--early-stopping", type=int, dest="early_stopping", metavar="PATIENCE",
-                   help="stop after PATIENCE epochs without a better epoch (validation accuracy, then lower loss)")
-    p.add_argument("--distill", type=float,
-                   help="extend mode: weight of distillation from the frozen base on the old classes (default 1)")
-    p.add_argument("--target-recall", type=float, dest="target_recall",
-                   help="extend mode: calibrate the new classes' bias to this recall on held-out positives "
-                        "(default 0.95)")
-    p.add_argument("--lora-lr-scale", type=float, dest="lora_lr_scale",
-                   help="LoRA learning rate as a fraction of --lr (default: 0.1 in extend mode, which keeps the "
-                        "base's old-class answers; 1 in replace mode)")
-    p.add_argument("--strict", action="store_true", help="unreadable images are an error instead of a skip")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "data":
+            continue
+        kind, _ = field_kind(f.name)
+        kwargs = {"action": "store_true"} if kind is bool else {"type": str if kind is list else kind}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=_field_help(f),
+                       **kwargs, **_FLAG_EXTRAS.get(f.name, {}))
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings; flags override it")
@@ -133,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import TrainConfig, parse_targets, read_config_file
-    from .training import train
+    from .training import train_to_dir
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "overwrite", "quiet")}
     values: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
@@ -143,8 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_dict(values)
     out_hint = config.out
     try:
-        train(config, overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False),
-              progress=not getattr(args, "quiet", False), load_run=False)
+        train_to_dir(config, overwrite=getattr(args, "overwrite", False), resume=getattr(args, "resume", False),
+                     progress=not getattr(args, "quiet", False))
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished epochs are saved; continue with "
               f"vitlora train {config.data} --out {out_hint or config.out or 'RUN_DIR'} --resume", file=sys.stderr)
@@ -159,12 +145,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = load(args.run_dir, device=args.device)
     result = evaluate(run, args.data, label=args.label, strict=args.strict)
     if args.negatives:
-        from .extend import negative_metrics
+        from .evaluation import negative_metrics
 
         result.update(negative_metrics(run, args.data, args.negatives, label=args.label))
     print(format_eval(result))
     if args.json:
-        from .artifacts import write_json_atomic
+        from .rundir import write_json_atomic
 
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
@@ -194,6 +180,8 @@ def format_eval(r: dict[str, Any]) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data import expand_image_paths
 
+    if args.batch_size < 1 or args.top_k < 1:
+        raise VitloraError("--batch-size and --top-k must be at least 1")
     paths = expand_image_paths(args.paths)
     skipped: list[tuple[str, str]] = []
     if args.onnx:
@@ -205,7 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                     top_k=args.top_k, batch_size=args.batch_size, skipped=skipped)
     rows = [p.to_dict() for p in predictions]
     if args.json:
-        from .artifacts import write_json_atomic
+        from .rundir import write_json_atomic
 
         write_json_atomic(args.json, rows)
     elif args.csv:
@@ -244,7 +232,7 @@ def _predict_onnx(export_dir: str, paths: list[str], top_k: int, batch_size: int
 def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
     import io
 
-    from .artifacts import write_bytes_atomic
+    from .rundir import write_bytes_atomic
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -271,10 +259,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .run import read_run_files
+    from .rundir import METRICS, read_run_files
 
     meta, labels = read_run_files(args.run_dir)
-    metrics_path = Path(args.run_dir) / "metrics.json"
+    metrics_path = Path(args.run_dir) / METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cfg = meta["config"]
     id2label = labels["id2label"]
@@ -328,9 +316,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import MODEL_FILE, export_onnx
     from .run import load
+    from .rundir import check_destination
 
+    check_destination(args.out_dir, args.run_dir, args.overwrite, kind_file=MODEL_FILE)  # never the run itself
     run = load(args.run_dir, device="cpu", merge=True)
     report = export_onnx(run.model, args.out_dir, run.settings["processor"], overwrite=args.overwrite)
     print(f"wrote {report.path}: {report.n_labels} labels, opset {report.opset}; verified against PyTorch at "

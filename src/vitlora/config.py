@@ -2,13 +2,17 @@
 
 `TrainConfig` is what the CLI fills from flags (over an optional `--config` file), what
 `vitlora.train()` takes, and what `vitlora.json` stores so a run can be re-run or resumed
-exactly.
+exactly. Each field carries its help text beside its default (peft's
+`field(metadata={"help": ...})` style); `vitlora train --help` is generated from it.
+An older `vitlora.json` without the newer fields loads with their defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,48 +22,81 @@ from .errors import VitloraError
 
 DEFAULT_MODEL = "facebook/deit-tiny-patch16-224"
 SEMANTIC_TARGETS = ("query", "key", "value", "output", "mlp")
+ACTIVATION_MB_ENV = "VITLORA_ACTIVATION_MB"  # overrides `activation_mb` (read once, in __post_init__)
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
 class TrainConfig:
     """Everything that decides what a training run does."""
 
-    data: str = ""
-    val: str | None = None
-    negatives: str | None = None
-    model: str = DEFAULT_MODEL
-    out: str | None = None
-    mode: str | None = None  # replace | extend; None = infer (extend when --label is given)
-    label: str | None = None
+    data: str = _f("", "training data: an ImageFolder (one sub-folder per class), a flat folder of one class with "
+                       "--label, a CSV/JSONL manifest of path,label, or hf:NAME[:CONFIG]/SPLIT")
+    val: str | None = _f(None, "validation data (default: hold out --val-split of DATA)")
+    negatives: str | None = _f(None, "extend mode: unlabelled photos of other things (any folder tree), so the model "
+                                     "learns where the new classes end; `python -m vitlora.negatives DIR` makes a "
+                                     "starter set")
+    model: str = _f(DEFAULT_MODEL, "hub id or local folder of the base model, or an earlier run to stack on")
+    out: str | None = _f(None, "run directory to write (default runs/<data>-<label|mode>)")
+    mode: str | None = _f(None, "replace: new head for the data's labels; extend: keep the base classes and add "
+                                "the new ones (default: extend with --label, else replace)")
+    label: str | None = _f(None, "class name for a flat folder of images (implies --mode extend)")
     # LoRA
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    rank: int = _f(8, "LoRA rank r")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha/r")
+    dropout: float = _f(0.1, "LoRA dropout")
+    targets: list[str] = field(default_factory=lambda: ["query", "value"],
+                               metadata={"help": "comma-separated: query,key,value,output,mlp"})
     # optimisation
-    epochs: int = 5
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # fraction of optimizer steps spent warming up
-    label_smoothing: float = 0.0
+    epochs: int = _f(5, "number of epochs")
+    batch_size: int = _f(32, "global batch size")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    lr: float = _f(2e-3, "peak learning rate, warmup then cosine decay")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on biases, norms or frozen head rows)")
+    warmup: float = _f(0.1, "fraction of optimizer steps spent warming up")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy, in [0, 1)")
     # data
-    val_split: float = 0.1
-    seed: int = 0
-    aug_scale_min: float = 0.25
-    strict: bool = False
+    val_split: float = _f(0.1, "fraction held out when no --val")
+    seed: int = _f(0, "seed for split, init, shuffling, augmentation and the negatives' order")
+    aug_scale_min: float = _f(0.25, "smallest random-resized-crop area fraction")
+    strict: bool = _f(False, "unreadable images are an error instead of a skip")
     # runtime
-    precision: str = "auto"
-    device: str = "auto"
-    early_stopping: int | None = None
+    precision: str = _f("auto", "auto picks bf16 where the hardware has bf16 matrix units, else fp32/fp16")
+    device: str = _f("auto", "auto, cpu or cuda")
+    early_stopping: int | None = _f(None, "stop after PATIENCE epochs without a better epoch (validation accuracy, "
+                                          "then lower loss)")
+    activation_mb: float = _f(384.0, "CPU: activation memory budget per micro-batch in MiB; larger batches run as "
+                                     f"equal micro-batches that fit it (env {ACTIVATION_MB_ENV} overrides)")
     # extend-mode safeguards (see vitlora.extend)
-    distill: float = 1.0  # weight of the distillation loss on old classes
-    target_recall: float | None = 0.95  # bias calibration target on held-out positives
-    lora_lr_scale: float | None = None  # LoRA lr = lr * this; None: 0.1 in extend mode (head at full lr), else 1
+    distill: float = _f(1.0, "extend mode: weight of distillation from the frozen base on the old classes")
+    temperature: float = _f(1.0, "extend mode: distillation temperature")
+    target_recall: float | None = _f(0.95, "extend mode: calibrate the new classes' bias to this recall on "
+                                           "held-out positives")
+    lora_lr_scale: float | None = _f(None, "LoRA learning rate as a fraction of --lr (default: 0.1 in extend mode, "
+                                           "which keeps the base's old-class answers; 1 in replace mode)")
+    lp_steps: int = _f(100, "extend mode: Adam steps of the linear probe that fits the new head rows on the frozen "
+                            "base's features before LoRA training (0: off)")
+    lp_lr: float = _f(0.05, "extend mode: learning rate of that linear probe")
+
+    def __post_init__(self) -> None:
+        override = os.environ.get(ACTIVATION_MB_ENV)
+        if override:
+            try:
+                self.activation_mb = float(override)
+            except ValueError:
+                raise VitloraError(f"{ACTIVATION_MB_ENV} must be a number of MiB, not {override!r}") from None
+
+    @property
+    def resolved_mode(self) -> str:
+        """replace or extend: `mode`, else extend when a `label` names a flat folder's class."""
+        return self.mode or ("extend" if self.label else "replace")
 
     def validate(self) -> None:
         """Reject impossible values with one clear sentence each."""
+        check_types(dataclasses.asdict(self))
         if not self.data:
             raise VitloraError("no training data given")
         if self.mode not in (None, "replace", "extend"):
@@ -68,7 +105,23 @@ class TrainConfig:
             raise VitloraError(f"--precision must be auto, fp32, bf16 or fp16, not {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise VitloraError(f"--device must be auto, cpu or cuda, not {self.device!r}")
-        checks = [
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise VitloraError(f"{_flag(f.name)} must be a finite number, not {value}")
+        for ok, message in self._range_checks():
+            if not ok:
+                raise VitloraError(message)
+        if self.negatives and self.resolved_mode == "replace":
+            raise VitloraError("--negatives is for extend mode (--label NAME, or --mode extend for an ImageFolder)")
+        unknown = [t for t in self.targets if t not in SEMANTIC_TARGETS]
+        if not self.targets or unknown:
+            raise VitloraError(
+                f"unknown --targets {', '.join(unknown) or '(empty)'}: choose from {', '.join(SEMANTIC_TARGETS)}"
+            )
+
+    def _range_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.rank >= 1, "--rank must be at least 1"),
             (self.alpha > 0, "--alpha must be positive"),
             (0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)"),
@@ -77,30 +130,26 @@ class TrainConfig:
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (self.weight_decay >= 0, "--weight-decay must be non-negative"),
+            (0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
             (0.0 <= self.val_split < 1.0, "--val-split must be in [0, 1)"),
             (0.0 < self.aug_scale_min <= 1.0, "--aug-scale-min must be in (0, 1]"),
             (self.early_stopping is None or self.early_stopping >= 1, "--early-stopping must be at least 1"),
             (0.0 <= self.warmup < 1.0, "--warmup must be in [0, 1)"),
+            (self.activation_mb > 0, "--activation-mb must be positive"),
             (self.distill >= 0, "--distill must be non-negative"),
+            (self.temperature > 0, "--temperature must be positive"),
             (self.target_recall is None or 0 < self.target_recall <= 1, "--target-recall must be in (0, 1]"),
             (self.lora_lr_scale is None or self.lora_lr_scale > 0, "--lora-lr-scale must be positive"),
+            (self.lp_steps >= 0, "--lp-steps must be non-negative"),
+            (self.lp_lr > 0, "--lp-lr must be positive"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise VitloraError(message)
-        if self.negatives and (self.mode == "replace" or (self.mode is None and not self.label)):
-            raise VitloraError("--negatives is for extend mode (--label NAME, or --mode extend for an ImageFolder)")
-        unknown = [t for t in self.targets if t not in SEMANTIC_TARGETS]
-        if not self.targets or unknown:
-            raise VitloraError(
-                f"unknown --targets {', '.join(unknown) or '(empty)'}: choose from {', '.join(SEMANTIC_TARGETS)}"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from settings (a file, flags, or an older `vitlora.json`: missing fields take their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -108,7 +157,41 @@ class TrainConfig:
         values = dict(values)
         if isinstance(values.get("targets"), str):
             values["targets"] = parse_targets(values["targets"])
-        return cls(**values)
+        return cls(**check_types(values))
+
+
+def field_kind(name: str) -> tuple[type, bool]:
+    """(int | float | str | bool | list, None allowed?) of a TrainConfig field, from its annotation."""
+    annotation = str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name))
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix("| None").strip()
+    return {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list}[base], optional
+
+
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
+               list: "a list of names or a comma-separated string"}
+
+
+def check_types(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with ints given for float fields made floats; a one-line error for any other mismatch."""
+    out = dict(values)
+    for name, value in values.items():
+        kind, optional = field_kind(name)
+        if value is None and optional:
+            continue
+        ok = {int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool),
+              str: isinstance(value, str), bool: isinstance(value, bool),
+              list: isinstance(value, list) and all(isinstance(v, str) for v in value)}[kind]
+        if not ok:
+            raise VitloraError(f"setting {name} must be {_KIND_NAMES[kind]}, not {value!r}")
+        if kind is float:
+            out[name] = float(value)
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def parse_targets(text: str) -> list[str]:

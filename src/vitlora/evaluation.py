@@ -1,4 +1,4 @@
-"""Evaluate a run on labelled data: the numbers `vitlora eval` prints and writes.
+"""Evaluate a run on labelled data (and, in extend mode, on negatives): the numbers `vitlora eval` prints.
 
 Labels are matched to the model's labels like training matches them (case, `_`, `-` and
 spaces ignored), so an ImageFolder `Red_Fox/` evaluates against the base's `red fox`.
@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from .errors import VitloraError
+from .extend_math import shift_metrics
+from .inference import batched_logits
 from .metrics import classification_report
 from .run import Run
 from .surgery import normalize_label
@@ -34,18 +36,67 @@ def data_label_ids(run: Run, data_labels: list[str]) -> dict[str, int]:
 def evaluate(run: Run, data: str, label: str | None = None, strict: bool = False,
              batch_size: int = 64) -> dict[str, Any]:
     """Metrics of `run` on DATA (any format `vitlora train` accepts)."""
-    from .data import build_cache, discover, normalize
+    from .data import build_cache, discover
 
     source = discover(data, label=label)
     label2id = data_label_ids(run, source.labels)
     cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict, draft=False)
-    logits = []
-    for start in range(0, len(cache), batch_size):
-        images, _ = cache.batch(torch.arange(start, min(start + batch_size, len(cache))))
-        logits.append(run.logits(normalize(images, run.preprocess)).cpu())
-    result = classification_report(torch.cat(logits), cache.labels, run.id2label)
+    result = classification_report(_run_logits(run, cache, batch_size), cache.labels, run.id2label)
     result["skipped"] = report.count
     if report.count:
         result["skipped_files"] = [{"path": p, "reason": r} for p, r in report.skipped[:20]]
     result["data"] = data
     return result
+
+
+def _run_logits(run: Run, cache: Any, batch_size: int = 64) -> torch.Tensor:
+    from .data import normalize
+
+    return batched_logits(cache, lambda images: run.logits(normalize(images, run.preprocess)), batch_size)
+
+
+def negative_metrics(run: Run, data: str, negatives_dir: str, label: str | None = None,
+                     base: torch.nn.Module | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """`eval --negatives`: new_class_recall (per new class and mean) on DATA, false_positive_rate and retention on the negatives.
+
+    `retention` compares with the run's base model without this run's adapter (for a run
+    stacked on another run: that run, merged), loaded from `vitlora.json` unless `base` is given.
+    """
+    from .data import Sample, build_cache, discover, expand_image_paths, normalize
+    from .modeling import load_base
+
+    if run.labels_info.get("mode", run.settings.get("mode")) != "extend":
+        raise VitloraError("--negatives is for runs trained in extend mode (the base's classes kept)")
+    n_old = int(run.labels_info["base_num_labels"])
+    label2id = {lab: i for i, lab in run.id2label.items()}
+    new_ids = [label2id[lab] for lab in run.new_labels]
+    source = discover(data, label=label)
+    ids = data_label_ids(run, source.labels)
+    pos_samples = [s for s in source.samples if ids[s.label] in new_ids]
+    recall: dict[str, Any] = {}
+    if pos_samples:
+        cache, _ = build_cache(pos_samples, ids, run.preprocess, train=False)
+        rec = shift_metrics(_run_logits(run, cache, batch_size), cache.labels, n_old, new_ids)["recall"]
+        recall = {run.id2label[c]: r for c, r in rec.items()}
+        recall["mean"] = sum(rec.values()) / len(rec)
+
+    paths = expand_image_paths([negatives_dir])
+    neg_cache, report = build_cache([Sample(p, None) for p in paths], None, run.preprocess, train=False)
+    neg_logits = _run_logits(run, neg_cache, batch_size)
+    if base is None:
+        base, _ = load_base(run.settings["base_model"], "cpu")
+    base = base.to(run.device).eval()
+    base_logits = batched_logits(
+        neg_cache, lambda images: base(pixel_values=normalize(images, run.preprocess).to(run.device)).logits,
+        batch_size)
+    m = shift_metrics(neg_logits, None, n_old, new_ids, base_logits[:, :n_old].argmax(-1))
+    pred = neg_logits.argmax(-1)
+    return {
+        "new_class_recall": recall or None,
+        "false_positive_rate": m["false_positive_rate"],
+        "retention": m["retention"],
+        "n_negatives": len(neg_cache),
+        "negatives_skipped": report.count,
+        "false_positives_by_class": {run.id2label[c]: int((pred == c).sum()) for c in new_ids},
+        "negatives": negatives_dir,
+    }

@@ -16,12 +16,11 @@ from huggingface_hub import HfApi, constants, get_session, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from vitlora.errors import VitloraError
+from .errors import VitloraError
+from .rundir import require_run_dir
 
-__all__ = ["push_run", "RUN_MARKERS", "IGNORE_PATTERNS"]
+__all__ = ["push_run", "hub_unreachable_reason", "IGNORE_PATTERNS"]
 
-# Files that make a folder a vitlora run (PEFT adapter + vitlora's own metadata).
-RUN_MARKERS = ("adapter_config.json", "vitlora.json")
 # Training by-products that are not part of the published artifact. Patterns are
 # fnmatch-style on paths relative to the run folder ("*" also matches "/").
 IGNORE_PATTERNS = [
@@ -53,17 +52,13 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False,
     the repo id is invalid, the hub is unreachable or offline mode is on, or
     no token is available.
     """
-    run = Path(run_dir).expanduser()
-    missing = [name for name in RUN_MARKERS if not (run / name).is_file()]
-    if not run.is_dir() or missing:
-        raise VitloraError(f"{run} is not a vitlora run folder (missing {', '.join(missing) or run}); "
-                           "pass the folder that training wrote")
+    run = require_run_dir(run_dir)
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise VitloraError(f"invalid hub repo id {repo_id!r}: use 'username/name' ({_one_line(exc)})") from exc
 
-    reason = _hub_unreachable_reason()
+    reason = hub_unreachable_reason()
     if reason is not None:
         raise VitloraError(f"cannot reach the Hugging Face hub ({reason}): check your connection "
                            "or HF_HUB_OFFLINE; nothing was uploaded")
@@ -89,8 +84,8 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False,
     return str(repo_url)
 
 
-def _hub_unreachable_reason(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why the hub cannot be used now, or None when it answered.
+def hub_unreachable_reason(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be used now, or None when it answered (`push`, and model loading before a download).
 
     HF_HUB_OFFLINE is read from the environment at call time as well as from
     huggingface_hub's constant (which is frozen at import). The probe goes

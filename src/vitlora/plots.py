@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_bytes_atomic
+from .rundir import write_bytes_atomic
 
 
 def plot_training_curves(epochs: list[dict[str, Any]], path: str | Path) -> None:

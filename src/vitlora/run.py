@@ -1,17 +1,7 @@
-"""A trained run: its directory layout, loading it back, predicting, and merging.
-
-Layout of RUN_DIR (the artifact contract, see README):
-    adapter_config.json, adapter_model.safetensors   PEFT adapter, trained head included
-    labels.json                                       id2label / label2id, new labels, mode
-    preprocessor_config.json                          the base model's image processor
-    vitlora.json                                      exact settings + provenance (run marker)
-    metrics.json, training_curves.png, README.md      results and model card
-    checkpoints/last/                                 resume state (optimizer, RNG, history)
-"""
+"""A trained run loaded back: predicting with it and merging it (its files: `vitlora.rundir`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -20,11 +10,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .artifacts import check_out_dir, publish_dir, staging_dir, write_json_atomic
 from .errors import VitloraError
 from .metrics import top_k_predictions
-from .modeling import RUN_MARKER, is_run_dir, load_base, quiet_transformers
-from .runtime import pick_device, pick_precision
+from .modeling import load_run_model, quiet_transformers
+from .rundir import LABELS, PREPROCESSOR, check_destination, publish_dir, read_run_files, staging_dir, write_json_atomic
+from .runtime import autocast, pick_device, pick_precision
+
+__all__ = ["Prediction", "Run", "load", "predict_files", "read_run_files"]  # read_run_files: vitlora.serve uses it
 
 
 @dataclass
@@ -63,10 +55,7 @@ class Run:
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits for normalised pixel values [B,3,H,W]."""
         x = pixel_values.to(self.device, non_blocking=True)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if dtype is None:
-            return self.model(pixel_values=x).logits.float()
-        with torch.autocast(self.device.type, dtype=dtype):
+        with autocast(self.device, self.precision):
             return self.model(pixel_values=x).logits.float()
 
     def predict_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -87,8 +76,7 @@ class Run:
         """
         from .data import load_rgb, normalize, resize_for_eval, stream_decoded
 
-        if top_k < 1:
-            raise VitloraError("--top-k must be at least 1")
+        _check_predict_args(top_k, batch_size)
         out: list[Prediction] = []
         pil = [im for im in images if isinstance(im, Image.Image)]
         if pil:
@@ -112,8 +100,7 @@ class Run:
         """Top-k predictions for `(uint8 [b,3,H,W], paths, SkipReport)` batches from `stream_decoded`."""
         from .data import normalize
 
-        if top_k < 1:
-            raise VitloraError("--top-k must be at least 1")
+        _check_predict_args(top_k, 1)
         out: list[Prediction] = []
         for batch, batch_paths, report in batches:
             if skipped is not None:
@@ -127,7 +114,7 @@ class Run:
 
     def merge(self, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Write a plain transformers model folder with the adapter folded into the weights."""
-        out = check_out_dir(out_dir, overwrite, what="OUT_DIR")
+        out = check_destination(out_dir, self.run_dir, overwrite, kind_file="config.json")
         model = self.model
         if hasattr(model, "merge_and_unload"):
             import copy
@@ -137,27 +124,17 @@ class Run:
         with staging_dir(out.resolve().parent) as tmp:
             staged = tmp / "model"
             model.save_pretrained(staged, safe_serialization=True)
-            write_json_atomic(staged / "preprocessor_config.json", self.settings.get("processor", {}))
-            write_json_atomic(staged / "labels.json", self.labels_info)
+            write_json_atomic(staged / PREPROCESSOR, self.settings.get("processor", {}))
+            write_json_atomic(staged / LABELS, self.labels_info)
             publish_dir(staged, out)
         return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise VitloraError(f"cannot read {path}: {exc}") from None
-
-
-def read_run_files(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(vitlora.json, labels.json) of a run, with a clear error when it is not a run."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise VitloraError(f"run directory not found: {run_dir}")
-    if not is_run_dir(run_dir):
-        raise VitloraError(f"{run_dir} is not a vitlora run (no {RUN_MARKER} and adapter_config.json)")
-    return _read_json(run_dir / RUN_MARKER), _read_json(run_dir / "labels.json")
+def _check_predict_args(top_k: int, batch_size: int) -> None:
+    if top_k < 1:
+        raise VitloraError("--top-k must be at least 1")
+    if batch_size < 1:
+        raise VitloraError("--batch-size must be at least 1")
 
 
 def load(
@@ -174,47 +151,14 @@ def load(
     """
     quiet_transformers()
     from .data import Preprocess
-    from .surgery import find_head
 
-    run_dir = Path(run_dir)
-    meta, labels_info = read_run_files(run_dir)
-    id2label = {int(k): v for k, v in labels_info["id2label"].items()}
-    base_id = base_model or meta["base_model"]
-    model, _ = load_base(base_id)
-    expected = meta.get("base_fingerprint")
-    if expected and expected != base_fingerprint(model, exclude_head=True):
-        raise VitloraError(
-            f"base model {base_id} does not match the adapter in {run_dir} "
-            f"(trained on {meta['base_model']}: {expected['model_type']}, hidden size {expected['hidden_size']}, "
-            f"{expected['layers']} layers)"
-        )
-    head_name, head = find_head(model)
-    if head.out_features != len(id2label):
-        setattr(model, head_name, nn.Linear(head.in_features, len(id2label)))
-    model.config.num_labels = len(id2label)
-    model.config.id2label = id2label
-    model.config.label2id = {v: k for k, v in id2label.items()}
-    from .speed import merge_adapter_fast
-
-    # merged inference of a plain LoRA adapter needs no PEFT (whose import alone costs seconds)
-    if not (merge and merge_adapter_fast(model, run_dir)):
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(run_dir))
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise VitloraError(
-                f"the adapter in {run_dir} does not fit base model {base_id}: {str(exc).splitlines()[0]}"
-            ) from None
-        if merge:
-            model = model.merge_and_unload()
+    model, meta, labels_info = load_run_model(run_dir, merge=merge, base_model=base_model)
     dev = pick_device(device)
     prec, _ = pick_precision(precision, dev) if precision == "auto" else (precision, "")
-    model = model.to(dev).eval()
     return Run(
-        run_dir=run_dir,
-        model=model,
-        id2label=id2label,
+        run_dir=Path(run_dir),
+        model=model.to(dev).eval(),
+        id2label={int(k): v for k, v in labels_info["id2label"].items()},
         preprocess=Preprocess.from_dict(meta["processor"]),
         settings=meta,
         labels_info=labels_info,
@@ -243,19 +187,9 @@ def predict_files(
     from .data import stream_decoded
     from .runtime import CpuWatch, tune_threads, usable_cores
 
+    _check_predict_args(top_k, batch_size)
     watch = CpuWatch()
     run = load(run_dir, device=device, precision=precision)
     tune_threads(run.device, watch)
     batches = stream_decoded(paths, run.preprocess, batch_size, num_threads=max(1, usable_cores() // 4))
     return run.predict_decoded(batches, top_k=top_k, skipped=skipped)
-
-
-def base_fingerprint(model: nn.Module, exclude_head: bool = True) -> dict[str, Any]:
-    """A small description of the backbone, to catch an adapter loaded onto the wrong base."""
-    cfg = model.config
-    return {
-        "model_type": getattr(cfg, "model_type", None),
-        "hidden_size": getattr(cfg, "hidden_size", None),
-        "layers": getattr(cfg, "num_hidden_layers", None),
-        "image_size": getattr(cfg, "image_size", None),
-    }

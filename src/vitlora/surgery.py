@@ -126,12 +126,7 @@ def extend_head(
     )
 
 
-def replace_head(
-    model: nn.Module,
-    data_labels: list[str],
-    init_rows: torch.Tensor | None = None,
-    reuse_base_rows: bool = True,
-) -> HeadChange:
+def replace_head(model: nn.Module, data_labels: list[str]) -> HeadChange:
     """A fresh head over exactly the data labels; rows of labels the base knows start from the base."""
     if len(data_labels) < 2:
         raise VitloraError(
@@ -140,11 +135,11 @@ def replace_head(
         )
     name, old = find_head(model)
     base_labels = [model.config.id2label[i] for i in range(old.out_features)]
-    matched = match_labels(data_labels, base_labels) if reuse_base_rows else {}
+    matched = match_labels(data_labels, base_labels)
     head = nn.Linear(old.in_features, len(data_labels), bias=True)
     head.to(device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
-        head.weight.copy_(_new_rows(len(data_labels), old.in_features, init_rows, old.weight))
+        head.weight.copy_(_new_rows(len(data_labels), old.in_features, None, old.weight))
         head.bias.zero_()
         for i, lab in enumerate(data_labels):
             if lab in matched:

@@ -81,13 +81,3 @@ def resolve_targets(model: nn.Module, targets: list[str], head: str | None = Non
         else:
             chosen.extend(n for n in names if n not in chosen)
     return chosen
-
-
-def describe_targets(model: nn.Module, head: str | None = None) -> dict[str, int]:
-    """Count of modules per semantic target, for `vitlora info` and error messages."""
-    counts: dict[str, int] = {}
-    for name in linear_modules(model, head):
-        kind = _classify(name)
-        if kind:
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts

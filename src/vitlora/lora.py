@@ -1,4 +1,8 @@
-"""Speed levers that are not plain settings: each one measured (see benchmarks/levers.py).
+"""LoRA on a classifier: wrapping it with PEFT, a cheaper dropout kernel, and merging a saved adapter.
+
+Like PEFT's split of *what* (`LoraConfig`) from *the math* (`layer.py`): `wrap_lora` says which
+layers get LoRA, the rest is the per-layer computation vitlora changes (both measured, see
+benchmarks/levers.py):
 
 * :class:`FastDropout` replaces PEFT's ``nn.Dropout`` in every LoRA layer. PEFT applies the
   LoRA dropout to the *full* activation in front of ``lora_A`` (``[B, 197, 192]`` per target
@@ -13,14 +17,6 @@
   the expectation is exact); the module has no state, so saved adapters are plain PEFT
   adapters and load with ``PeftModel.from_pretrained``. Non-CPU tensors use the native
   fused kernel.
-* :func:`micro_batch_size`: on CPU a step's activations, kept for backward, are what makes
-  training's memory (DeiT-tiny: ~46 MB per image at 224 px, so ~1.9 GB peak RSS at batch 32
-  against ~1.1 GB for the reference lab). The training loop runs each batch as equal
-  micro-batches whose activations fit a budget (default 384 MiB; ``VITLORA_ACTIVATION_MB``)
-  and accumulates their gradients, weighting each micro-batch's mean loss by its share of
-  the batch: the same update as the whole batch (per-sample losses; extend mode keeps its
-  positives/negatives balanced per micro-batch), at ~1-5% lower throughput on CPU, where
-  batch 8 already fills the matrix units. GPUs are left alone.
 * :func:`merge_adapter_fast` folds a saved vanilla-LoRA adapter into a base model without
   importing PEFT (its import costs seconds of process start-up, which dominates a short
   ``vitlora predict``); anything it does not recognise falls back to PEFT.
@@ -37,6 +33,43 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+
+def wrap_lora(
+    model: nn.Module,
+    target_modules: list[str],
+    head_name: str,
+    rank: int,
+    alpha: float,
+    dropout: float,
+) -> nn.Module:
+    """Freeze the base, add LoRA to the targets, train the head in full (`modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=[head_name],
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) as PEFT's `print_trainable_parameters` reports them."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+# ------------------------------------------------------------------------- dropout
 
 _BITS = 16
 _LEVELS = 1 << _BITS
@@ -84,48 +117,7 @@ def use_fast_lora_dropout(model: nn.Module) -> int:
     return swapped
 
 
-# ------------------------------------------------------------------------- micro-batches
-
-_DEFAULT_ACTIVATION_MB = 384
-_MIN_MICRO = 4
-
-
-def activation_bytes_per_image(config: Any) -> int | None:
-    """Estimated bytes a ViT-style encoder keeps for backward per image (fp32), None if unknown.
-
-    Per layer and token: ~10 hidden-size vectors (layer-norm inputs, q/k/v and attention
-    output, LoRA inputs and dropout masks) plus the MLP's GELU input, times 1.8 for what
-    backward allocates on top (measured on DeiT-tiny: 46 MB/image).
-    """
-    try:
-        hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
-        inner = int(getattr(config, "intermediate_size", 4 * hidden))
-        tokens = (int(config.image_size) // int(config.patch_size)) ** 2 + 2
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return int(1.8 * 4 * tokens * layers * (10 * hidden + inner))
-
-
-def micro_batch_size(model: nn.Module, batch: int, device: torch.device, budget_mb: float | None = None) -> int:
-    """Largest equal split of ``batch`` whose activations fit the budget (CPU only; else ``batch``)."""
-    import os
-
-    if device.type != "cpu" or batch <= _MIN_MICRO:
-        return batch
-    per_image = activation_bytes_per_image(getattr(model, "config", None))
-    if per_image is None:
-        return batch
-    if budget_mb is None:
-        try:
-            budget_mb = float(os.environ.get("VITLORA_ACTIVATION_MB", _DEFAULT_ACTIVATION_MB))
-        except ValueError:
-            budget_mb = _DEFAULT_ACTIVATION_MB
-    fit = max(_MIN_MICRO, int(budget_mb * 2**20 // per_image))
-    parts = -(-batch // fit)
-    return -(-batch // parts)
-
-
-# ------------------------------------------------------------------------- merged loading
+# ------------------------------------------------------------------------- merging without PEFT
 
 _PREFIX = "base_model.model."
 # adapter_config.json keys that do not change what a merged LoRA layer computes
@@ -135,6 +127,12 @@ _HARMLESS = frozenset({
     "exclude_modules", "r", "lora_alpha", "use_rslora", "bias", "layers_pattern", "megatron_core",
     "qalora_group_size",
 })
+
+
+def _plain_lora(cfg: dict[str, Any]) -> bool:
+    """Vanilla LoRA: every setting beyond rank/alpha/targets is off (no DoRA, patterns, variants, LoRA bias)."""
+    plain = cfg.get("peft_type") == "LORA" and isinstance(cfg.get("r"), int) and cfg.get("bias", "none") == "none"
+    return plain and all(key in _HARMLESS or value in (None, False, {}, [], "none", "") for key, value in cfg.items())
 
 
 def merge_adapter_fast(model: nn.Module, adapter_dir: str | Path) -> bool:
@@ -147,15 +145,11 @@ def merge_adapter_fast(model: nn.Module, adapter_dir: str | Path) -> bool:
     (the caller then uses PEFT).
     """
     adapter_dir = Path(adapter_dir)
-    cfg_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    cfg_file, weights_file = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not (cfg_file.is_file() and weights_file.is_file()):
         return False
     cfg: dict[str, Any] = json.loads(cfg_file.read_text())
-    plain = cfg.get("peft_type") == "LORA" and isinstance(cfg.get("r"), int) and cfg.get("bias", "none") == "none"
-    for key, value in cfg.items():  # every other setting must be off: DoRA, patterns, variants, ...
-        if key not in _HARMLESS and value not in (None, False, {}, [], "none", ""):
-            plain = False
-    if not plain:
+    if not _plain_lora(cfg):
         return False
     from safetensors.torch import load_file
 
@@ -200,28 +194,3 @@ def merge_adapter_fast(model: nn.Module, adapter_dir: str | Path) -> bool:
             else:
                 target.copy_(value)
     return True
-
-
-# ------------------------------------------------------------------------- memory
-
-
-def release_memory() -> bool:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``); False where unavailable.
-
-    glibc keeps what a phase frees (decode threads' buffers, inference activations of the
-    set-up passes) in its arenas, where the training step's allocations often cannot reuse
-    it; the resident set then carries it through training. Trimming once between phases
-    costs milliseconds, unlike a low ``M_MMAP_THRESHOLD``, which also bounds this but made
-    every training step ~35% slower (page faults) on a 2-core Cascade Lake.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
