@@ -12,7 +12,8 @@ uint8 [B,3,S,S] batch and return normalised float32 [B,3,H,W]:
 
 Equal output is checked first: kornia's own crop boxes are fed to the hand-written map and the two
 images compared (max abs difference in normalised units). Variants then run round-robin, ``--repeats``
-times after a warm-up; the median per batch is printed with images/s and the ratio to ``hand``.
+times after a warm-up; the median per batch is printed, in wall-clock and in CPU time of this process
+(the steadier figure on a machine others are using), with its ratio to ``hand``.
 
 Example::
 
@@ -22,12 +23,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import kornia.augmentation as K
 import torch
+
+from _cpu import cpu_line
 
 from vitlora.data.transforms import Preprocess, crop_resize, random_resized_crop_flip
 
@@ -79,24 +81,27 @@ def main() -> None:
         "kornia-slice": lambda: ks(x.float().div_(255)),
         "kornia-resample": lambda: kr(x.float().div_(255)),
     }
-    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, batch {a.batch} x {a.work}^2 uint8 -> {a.size}^2")
+    print(cpu_line())
+    print(f"batch {a.batch} x {a.work}^2 uint8 -> {a.size}^2 normalised float32")
     for mode in ("slice", "resample"):
         inner, edge = equal_output_gap(x, a.size, pp, mode)
         print(f"equal output, kornia-{mode} vs hand on kornia's boxes: max |diff| {inner:.1e} inside, "
               f"{edge:.2f} on the outermost pixel rows/cols (normalised units)")
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     for f in variants.values():
         f()  # warm-up
     for _ in range(a.repeats):
         for name, f in variants.items():  # round-robin: background load hits all alike
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             f()
-            times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["hand"])
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"{name:16s} median {m * 1e3:7.1f} ms/batch  {a.batch / m:7.1f} img/s  ratio to hand {m / base:5.2f}x")
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    w0, c0 = statistics.median(wall["hand"]), statistics.median(cpu["hand"])
+    for name in variants:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"{name:16s} wall {w * 1e3:7.1f} ms/batch ({a.batch / w:6.1f} img/s, {w / w0:4.2f}x hand's time)   "
+              f"CPU {c * 1e3:7.1f} ms/batch ({c / c0:4.2f}x hand's)")
 
 
 if __name__ == "__main__":
