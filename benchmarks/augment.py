@@ -8,7 +8,8 @@ uint8 [B,3,S,S] batch and return normalised float32 [B,3,H,W]:
 * ``hand``: ``vitlora.data.transforms.random_resized_crop_flip`` (one affine ``grid_sample``, fused
   normalise);
 * ``kornia-slice`` / ``kornia-resample``: ``K.RandomResizedCrop(align_corners=False)`` in each cropping
-  mode + ``K.RandomHorizontalFlip`` + ``K.Normalize`` on the batch converted to [0, 1] floats.
+  mode + ``K.RandomHorizontalFlip`` + ``K.Normalize`` on the batch converted to [0, 1] floats;
+* ``Augment ...``: what the other policies and options of ``vitlora.data.augment.Augment`` add on top.
 
 Equal output is checked first: kornia's own crop boxes are fed to the hand-written map and the two
 images compared (max abs difference in normalised units). Variants then run round-robin, ``--repeats``
@@ -31,6 +32,7 @@ import torch
 
 from _cpu import cpu_line
 
+from vitlora.data.augment import Augment
 from vitlora.data.transforms import Preprocess, crop_resize, random_resized_crop_flip
 
 
@@ -81,6 +83,12 @@ def main() -> None:
         "kornia-slice": lambda: ks(x.float().div_(255)),
         "kornia-resample": lambda: kr(x.float().div_(255)),
     }
+    labels = torch.arange(a.batch) % 10
+    for name, settings in {"Augment trivial": dict(policy="trivial"), "Augment randaug": dict(policy="randaugment"),
+                           "Augment +erase+mix": dict(policy="randaugment", random_erasing=0.25, mixup=0.8,
+                                                      cutmix=1.0)}.items():
+        aug = Augment(pp, 10, **settings)
+        variants[name] = lambda aug=aug: aug(x, labels, gen)
     print(cpu_line())
     print(f"batch {a.batch} x {a.work}^2 uint8 -> {a.size}^2 normalised float32")
     for mode in ("slice", "resample"):
@@ -100,7 +108,7 @@ def main() -> None:
     w0, c0 = statistics.median(wall["hand"]), statistics.median(cpu["hand"])
     for name in variants:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"{name:16s} wall {w * 1e3:7.1f} ms/batch ({a.batch / w:6.1f} img/s, {w / w0:4.2f}x hand's time)   "
+        print(f"{name:18s} wall {w * 1e3:7.1f} ms/batch ({a.batch / w:6.1f} img/s, {w / w0:4.2f}x hand's time)   "
               f"CPU {c * 1e3:7.1f} ms/batch ({c / c0:4.2f}x hand's)")
 
 

@@ -102,3 +102,15 @@ def test_bad_settings_are_one_line_user_errors() -> None:
     with pytest.raises(VitloraError, match="RandAugment"):
         Augment(PP, 3, policy="randaugment", magnitude=40)
     assert not Augment(PP, 3).mixes and Augment(PP, 3, cutmix=0.5).mixes
+
+
+def test_kornia_is_needed_only_beyond_crop_and_flip(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kornia.augmentation", None)  # import fails as if not installed
+    x, y = _batch()
+    assert Augment(PP, 3)(x, y, _gen())[0].shape == (8, 3, 32, 32)
+    with pytest.raises(VitloraError, match=r"need kornia: pip install 'vitlora\[augment\]'"):
+        Augment(PP, 3, policy="trivial")
+    with pytest.raises(VitloraError, match="need kornia"):
+        Augment(PP, 3, mixup=0.2)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +47,24 @@ def _check(policy: str, mixup: float, cutmix: float, random_erasing: float) -> N
         raise VitloraError("--random-erasing is a probability and must be in [0, 1]")
 
 
+def _kornia() -> Any:
+    """``kornia.augmentation``, needed for anything beyond crop + flip (the ``augment`` extra)."""
+    try:
+        import kornia.augmentation as K
+    except ImportError:
+        raise VitloraError("--augment trivial/randaugment, --mixup, --cutmix and --random-erasing need kornia: "
+                           "pip install 'vitlora[augment]'") from None
+    return K
+
+
 def _policy_module(policy: str, num_ops: int, magnitude: int) -> torch.nn.Module | None:
     if policy == "basic":
         return None
-    from kornia.augmentation.auto import RandAugment, TrivialAugment
-
+    auto = _kornia().auto
     if policy == "trivial":
-        return TrivialAugment()
+        return auto.TrivialAugment()
     try:
-        return RandAugment(n=num_ops, m=magnitude)
+        return auto.RandAugment(n=num_ops, m=magnitude)
     except ValueError as e:
         raise VitloraError(f"bad RandAugment setting: {e}") from None
 
@@ -103,8 +113,7 @@ class Augment:
         self._policy = _policy_module(policy, num_ops, magnitude)
         self._erase = self._mixer = self._cutter = None
         if random_erasing > 0 or mixup > 0 or cutmix > 0:
-            import kornia.augmentation as K
-
+            K = _kornia()
             if random_erasing > 0:
                 self._erase = K.RandomErasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), value=0.0, p=random_erasing)
             if mixup > 0:
