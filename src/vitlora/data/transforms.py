@@ -386,6 +386,7 @@ def random_resized_crop_flip(
     hflip: float = 0.5,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    unit_range: bool = False,
 ) -> torch.Tensor:
     """Training augmentation on a uint8 [B,3,S,S] batch -> normalised float [B,3,H,W].
 
@@ -394,26 +395,51 @@ def random_resized_crop_flip(
     ``generator`` (so a seeded generator reproduces a run). Crop, resize and
     flip are one affine map per sample, applied by a single ``grid_sample``
     (bilinear, no antialias: the downscale from S is at most ~4x at scale 0.25).
+    ``unit_range`` returns pixels in [0, 1] instead of normalised values, for
+    photometric ops that expect them (``augment.Augment`` normalises after).
     """
     if batch.ndim != 4 or batch.shape[1] != 3:
         raise ValueError(f"expected a [B,3,S,S] batch, got {tuple(batch.shape)}")
     b, _, h, w = batch.shape
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    top, left, ch, cw = _crop_boxes(b, h, w, scale, ratio, generator, gen_device)
+    boxes = _crop_boxes(b, h, w, scale, ratio, generator, gen_device)
     flip = torch.rand(b, generator=generator, device=gen_device) < hflip
+    out = crop_resize(batch, boxes, flip, (pp.height, pp.width))
+    if unit_range:
+        return out.mul_(1 / 255).to(dtype)
+    scale_c, shift_c = _scale_shift(pp, batch.device)
+    return torch.addcmul(shift_c, out, scale_c, out=out).to(dtype)
 
+
+def crop_resize(
+    batch: torch.Tensor,
+    boxes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    flip: torch.Tensor,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Crop each sample's integer box (top, left, height, width), resize it to ``size`` and flip where asked.
+
+    One affine map per sample through a single ``grid_sample``: float32 [B,3,H,W] in the input's value range.
+    The map is the half-pixel convention of ``F.interpolate(align_corners=False)`` on the crop.
+    """
+    top, left, ch, cw = boxes
+    b, _, h, w = batch.shape
     # Map output coords in [-1, 1] onto the crop box (align_corners=False convention).
     sx = cw / w
     sy = ch / h
     tx = (2 * left + cw) / w - 1
     ty = (2 * top + ch) / h - 1
     sx = torch.where(flip, -sx, sx)
-    theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=gen_device)
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=top.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, tx
     theta[:, 1, 1], theta[:, 1, 2] = sy, ty
     theta = theta.to(device=batch.device, dtype=torch.float32)
-    grid = F.affine_grid(theta, [b, 3, pp.height, pp.width], align_corners=False)
+    grid = F.affine_grid(theta, [b, 3, size[0], size[1]], align_corners=False)
     # "border" makes edge samples clamp like F.interpolate instead of blending with zeros.
-    out = F.grid_sample(batch.to(torch.float32), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    scale_c, shift_c = _scale_shift(pp, batch.device)
-    return torch.addcmul(shift_c, out, scale_c, out=out).to(dtype)
+    return F.grid_sample(batch.to(torch.float32), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalize_unit(x: torch.Tensor, pp: Preprocess, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float pixels in [0, 1] -> the model's normalised values (the same map as :func:`normalize`)."""
+    scale, shift = _scale_shift(pp, x.device)
+    return torch.addcmul(shift, x.to(torch.float32), scale * 255).to(dtype)
