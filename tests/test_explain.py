@@ -73,6 +73,10 @@ def test_explain_files_writes_one_overlay_per_photo(tiny_run: Path, colour_folde
     for rel, size in sizes.items():
         assert Image.open(written[str(tmp_path / rel)]).size == size  # the photo's own size
     assert [p for p, _ in skipped] == [str(tmp_path / "broken.jpg")]
+    first = paths[0]
+    for label in ("red", "green"):  # the label predict reported is the one explained
+        explain_files(run, [first], tmp_path / label, labels={first: label})
+    assert (tmp_path / "red" / "shot.png").read_bytes() != (tmp_path / "green" / "shot.png").read_bytes()
 
 
 def test_unmerged_adapter_explains_like_the_merged_one(tiny_run: Path, colour_folder: Path):
@@ -80,7 +84,9 @@ def test_unmerged_adapter_explains_like_the_merged_one(tiny_run: Path, colour_fo
 
     photo = Image.open(next((colour_folder / "green").glob("*.jpg")))
     merged, label = explain_image(load(tiny_run, precision="fp32"), photo)
-    unmerged, label2 = explain_image(load(tiny_run, precision="fp32", merge=False), photo)
+    unmerged_run = load(tiny_run, precision="fp32", merge=False)
+    with torch.inference_mode():  # as a server's worker thread may call it
+        unmerged, label2 = explain_image(unmerged_run, photo)
     assert label == label2 and merged.max() == pytest.approx(1.0)
     np.testing.assert_allclose(merged, unmerged, atol=1e-3)
 

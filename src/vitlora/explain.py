@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ def explain_pixels(model: nn.Module, pixel_values: torch.Tensor, target: int | N
     if pixel_values.ndim != 4 or pixel_values.shape[0] != 1 or not isinstance(patch, int):
         raise VitloraError("explanations need one image and a ViT-style model with a patch grid")
     gh, gw = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-    x = pixel_values.detach().float().requires_grad_(True)  # a graph even when no weight needs grad
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():  # callable from a server's inference-mode thread
+        x = pixel_values.detach().float().clone().requires_grad_(True)  # a graph even if no weight needs grad
         out = model(pixel_values=x, output_hidden_states=True)
         tokens = out.hidden_states[-2]  # input of the last block: its patch tokens still reach CLS
         logits = out.logits[0]
@@ -168,10 +168,13 @@ def explain_files(
     paths: Sequence[str],
     out_dir: str | Path,
     skipped: list[tuple[str, str]] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """`vitlora predict --explain DIR`: one overlay per readable image, {input path: overlay path}.
 
-    Unreadable images are left out and listed in `skipped` (as `Run.predict` does).
+    `labels` ({path: label}) names the class to explain per image, e.g. the top-1 that
+    `predict` reported (it may have run in bf16, where a near-tie can flip); default: the
+    top-1 of this fp32 pass. Unreadable images are left out and listed in `skipped`.
     """
     from .data import load_rgb
 
@@ -186,6 +189,6 @@ def explain_files(
             if skipped is not None:
                 skipped.append((path, str(exc)))
             continue
-        heat, _ = explain_image(run, photo)
+        heat, _ = explain_image(run, photo, (labels or {}).get(path))
         written[path] = str(write_overlay(out / name, photo, heat))
     return written

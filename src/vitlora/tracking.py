@@ -48,11 +48,11 @@ def parse_report_to(value: str | Sequence[str] | None) -> list[str]:
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    """The finite numeric entries of an epoch record (nested dicts, strings, None left out)."""
+    """The finite numeric entries of an epoch record (nested dicts, strings, None and the epoch left out)."""
     return {
         k: float(v)
         for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     }
 
 
