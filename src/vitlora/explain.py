@@ -7,11 +7,12 @@ imports torchvision (and OpenCV) at import time, and torchvision breaks with thi
 The recipe needs only the model's own ``output_hidden_states``, so it works with any
 attention implementation (sdpa included) and on a merged or an unmerged PEFT model.
 
-Chosen by a faithfulness check on DeiT-tiny (tests/test_explain.py): a raccoon photo and a
-tench photo pasted on one grey canvas, positions swapped. Grad-CAM put 0.98 of the heat for
-the raccoon-like class on the raccoon and 0.99 of the tench heat on the tench, in both
-layouts; attention rollout is class-agnostic and its centre of mass stayed ~0.1-0.15 of the
-canvas closer to the middle than the object's.
+Chosen by a faithfulness check on DeiT-tiny (kept as a slow test in tests/test_explain.py):
+a raccoon photo and a tench photo pasted on one grey canvas, positions swapped. Grad-CAM put
+0.98 of the heat for the raccoon-like top-1 on the raccoon and 0.99 of the tench heat on the
+tench, in both layouts. Compared beside it on a raccoon pasted at four corners: attention
+rollout is class-agnostic and its centre of mass sat 0.08-0.16 of the canvas nearer the middle
+than the object's; gradient-weighted rollout (Chefer et al.) tracked, a little less closely.
 
 The heat is computed on the model's input crop and mapped back through the eval geometry
 (resize, then center crop) so the overlay has the photo's own size; parts of the photo the
