@@ -209,11 +209,13 @@ def test_resume_continues_to_the_same_result(tiny_model, colour_folder, tmp_path
 
     with pytest.raises(KeyboardInterrupt):
         vitlora.train(TrainConfig(out=str(cut), **common), progress=False, on_epoch_end=interrupt)
-    assert (cut / "vitlora.json").is_file()  # finished epochs are a loadable run already
-    assert len(json.loads((cut / "metrics.json").read_text())["epochs"]) == 2
+    staging = tmp_path / ".cut.staging"  # finished epochs wait beside --out; --out gets only a complete run
+    assert not cut.exists() and (staging / "checkpoints" / "last" / "state.pt").is_file()
+    assert len(json.loads((staging / "metrics.json").read_text())["epochs"]) == 2
     assert run_cli("train", colour_folder, "--out", cut, "--resume", "--quiet", "--epochs", "3") == 0
     a = json.loads((full / "metrics.json").read_text())["epochs"]
     b = json.loads((cut / "metrics.json").read_text())["epochs"]
+    assert not staging.exists()
     assert [e["train_loss"] for e in a] == pytest.approx([e["train_loss"] for e in b], abs=1e-6)
     assert [e["val_loss"] for e in a] == pytest.approx([e["val_loss"] for e in b], abs=1e-6)
 

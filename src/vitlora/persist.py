@@ -1,6 +1,11 @@
 """What training writes: the output folder, resumable checkpoints, the best epoch's files, the finished run.
 
-File names and atomic writes come from `vitlora.rundir`. A checkpoint holds only tensors and
+A run is built in a staging folder beside `--out` (`.NAME.staging`, same filesystem) and
+swapped in by rename only when complete, calibration and model card included: a kill or a
+full disk at any point leaves the previous run at `--out` as it was. Every check (flags,
+data, model) happens before the staging folder is created. The staging folder is also where
+an interrupted run's checkpoint lives: `--resume` continues from it (or, to train a finished
+run longer, from a copy of the run). File names and atomic writes come from `vitlora.rundir`. A checkpoint holds only tensors and
 plain containers (RNG states as tensors) and is read with `torch.load(weights_only=True)`:
 a run folder is something people download and share, and a pickle could run any code.
 """
@@ -24,6 +29,7 @@ from torch import nn
 from .config import TrainConfig
 from .errors import VitloraError
 from .rundir import (
+    ADAPTER_WEIGHTS,
     CARD,
     CHECKPOINT,
     CURVES,
@@ -32,12 +38,16 @@ from .rundir import (
     PREPROCESSOR,
     RUN_MARKER,
     check_out_dir,
+    is_run_dir,
     move_files_into,
+    publish_dir,
+    recover_publish,
+    remove_tree,
     staging_dir,
     write_bytes_atomic,
     write_json_atomic,
 )
-from .runtime import Runtime, barrier
+from .runtime import Runtime
 
 
 def log(rt: Runtime, message: str) -> None:
@@ -65,19 +75,76 @@ def default_out_dir(config: TrainConfig) -> str:
     return str(Path("runs") / f"{name}-{config.label or config.mode or 'run'}")
 
 
-def prepare_out(config: TrainConfig, resume: bool, overwrite: bool, rt: Runtime) -> Path:
-    """The run folder: checked (and emptied with `overwrite`) for a new run, or holding a checkpoint to resume."""
-    out = Path(config.out or default_out_dir(config))
+BEST = Path("checkpoints") / "best"  # extend mode: the best epoch's adapter before calibration
+
+
+def staging_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.staging")
+
+
+@dataclass
+class OutPlan:
+    """Where a run is published (`out`), where it is built (`staging`), and the folder whose checkpoint is resumed."""
+
+    out: Path
+    staging: Path
+    resume_from: Path | None = None
+
+
+def out_path(config: TrainConfig) -> Path:
+    return Path(config.out or default_out_dir(config)).expanduser()
+
+
+def plan_out(config: TrainConfig, resume: bool, overwrite: bool, recover: bool = True) -> OutPlan:
+    """Check where the run will go and what `--resume` continues; touches nothing (call it holding the lock).
+
+    `--overwrite` replaces only a vitlora run or an empty folder; a stale staging folder (a
+    killed run) must be resumed or explicitly overwritten.
+    """
+    out = out_path(config)
+    check_out_dir(out, overwrite=True)  # symlinks, paths under a file, non-folders
+    if recover:
+        recover_publish(out)  # a swap cut short by a kill: the old run back in place
+    staging = staging_path(out)
     if resume:
-        if not (out / CHECKPOINT).is_file():
-            raise VitloraError(f"nothing to resume in {out}: no {CHECKPOINT} (start without --resume)")
-        return out
+        for folder in (staging, out):
+            if (folder / CHECKPOINT).is_file():
+                return OutPlan(out, staging, folder)
+        raise VitloraError(f"nothing to resume in {out}: no {CHECKPOINT} (start without --resume)")
     check_out_dir(out, overwrite)
-    if rt.is_main and out.is_dir() and overwrite:
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    barrier(rt)
-    return out
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        raise VitloraError(f"--out {out} is not a vitlora run (no {RUN_MARKER}); --overwrite only replaces a run "
+                           "or an empty folder, choose another folder")
+    if (staging.exists() or staging.is_symlink()) and not overwrite:
+        raise VitloraError(f"an interrupted run of {out} is in {staging}: continue it with --resume, or pass "
+                           "--overwrite to start over")
+    return OutPlan(out, staging)
+
+
+def open_staging(plan: OutPlan) -> None:
+    """The run's first write, after every check: a fresh staging folder, or a copy of the finished run to extend."""
+    if plan.resume_from == plan.staging:
+        return
+    remove_tree(plan.staging)
+    if plan.resume_from is not None:
+        shutil.copytree(plan.resume_from, plan.staging, symlinks=True)
+    else:
+        plan.staging.mkdir()
+
+
+def publish(plan: OutPlan) -> None:
+    """Swap the complete staged run in at `--out` (the old run is deleted only after the swap)."""
+    out = plan.out
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        raise VitloraError(f"--out {out} was filled with other files during training; the new run is kept in "
+                           f"{plan.staging}")
+    publish_dir(plan.staging, out)
+
+
+def discard_unresumable(plan: OutPlan) -> None:
+    """After a failed run: keep the staging folder only if it holds a checkpoint to resume."""
+    if plan.resume_from != plan.staging and plan.staging.is_dir() and not (plan.staging / CHECKPOINT).is_file():
+        remove_tree(plan.staging)
 
 
 def read_checkpoint(out: Path) -> dict[str, Any]:
@@ -160,15 +227,23 @@ class RunWriter:
     processor: dict[str, Any]  # preprocessor_config.json
     precision: str
 
-    def save_adapter(self, peft_model: Any) -> None:
-        with staging_dir(self.out) as tmp:
+    def save_adapter(self, peft_model: Any, folder: Path | None = None) -> None:
+        folder = folder or self.out
+        with staging_dir(folder) as tmp:
             peft_model.save_pretrained(str(tmp))
             (tmp / CARD).unlink(missing_ok=True)  # PEFT's stub card; we write our own
-            move_files_into(tmp, self.out)
+            move_files_into(tmp, folder)
+
+    def uncalibrated(self) -> Path:
+        """The folder whose adapter calibration starts from: always the best epoch as trained, so a resumed
+        finish never calibrates an already calibrated head twice (runs from before `checkpoints/best`: the run)."""
+        return self.out / BEST if (self.out / BEST / ADAPTER_WEIGHTS).is_file() else self.out
 
     def best(self, peft_model: Any, epoch: int) -> None:
-        """A new best epoch: the adapter, labels, preprocessing, then the marker (a loadable run from epoch 1 on)."""
+        """A new best epoch: the adapter (extend mode: also kept uncalibrated), labels, preprocessing, marker."""
         self.save_adapter(peft_model)
+        if self.meta["mode"] == "extend":
+            self.save_adapter(peft_model, self.out / BEST)
         write_json_atomic(self.out / LABELS, self.labels_info)
         write_json_atomic(self.out / PREPROCESSOR, self.processor)
         write_json_atomic(self.out / RUN_MARKER, {**self.meta, "best_epoch": epoch})

@@ -17,11 +17,12 @@ half a file. Every module that reads or writes these files takes the names from 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -116,33 +117,93 @@ def move_files_into(src: Path, dest: Path) -> None:
         os.replace(item, target)
 
 
+def remove_tree(path: Path) -> None:
+    """Delete `path`: a folder tree without following any symlink in it, a file or a symlink itself."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)  # unlinks symlinks inside, never follows them
+
+
+def aside_path(dest: Path) -> Path:
+    """Where `publish_dir` keeps the old `dest` while swapping in the new one."""
+    return dest.with_name(f".{dest.name}.old")
+
+
+def recover_publish(dest: str | Path) -> None:
+    """Finish or roll back a swap that a kill interrupted: the old folder back, or its leftover deleted."""
+    dest = Path(dest)
+    old = aside_path(dest)
+    if old.exists() and not old.is_symlink():
+        if dest.exists() or dest.is_symlink():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, dest)
+
+
 def publish_dir(staged: Path, dest: str | Path) -> None:
     """Replace `dest` by the fully written folder `staged`; `dest` is always absent, the old or the new one.
 
-    The old folder is moved aside first, put back if the swap fails, and deleted last.
+    The old folder is moved aside (`aside_path`) first, put back if the swap fails, and
+    deleted last; `recover_publish` completes a swap that a kill cut short.
     """
     dest = Path(dest)
-    if dest.is_dir() and not any(dest.iterdir()):
+    recover_publish(dest)
+    if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
         dest.rmdir()
     if not dest.exists():
         os.replace(staged, dest)
         return
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    old = aside_path(dest)
     os.replace(dest, old)
     try:
         os.replace(staged, dest)
     except BaseException:
         os.replace(old, dest)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old)
+
+
+@contextmanager
+def exclusive_lock(dest: str | Path, what: str = "--out") -> Iterator[None]:
+    """Hold `.<name>.lock` beside `dest` (fcntl.flock, freed by the kernel even on kill -9); refuse if taken."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path = dest.with_name(f".{dest.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise VitloraError(f"another vitlora process is writing {what} {dest} (lock {path} is held); "
+                                   "wait for it to finish or choose another folder") from None
+            raise
+        try:  # the holder before us may have unlinked the file: lock the one on disk
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 # ---- where outputs may go --------------------------------------------------------------
 
 
 def check_out_dir(out: str | Path, overwrite: bool, what: str = "--out") -> Path:
-    """Refuse to clobber a non-empty folder unless asked to."""
+    """Refuse a symlink, a path under a file, a non-folder, and a non-empty folder unless asked to replace it."""
     out = Path(out)
+    if out.is_symlink():
+        raise VitloraError(f"{what} {out} is a symbolic link; pass the real folder (vitlora never writes through links)")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and existing != out and not existing.is_dir():
+        raise VitloraError(f"{what} {out} is inside {existing}, which is a file, not a folder")
     if out.exists() and not out.is_dir():
         raise VitloraError(f"{what} {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

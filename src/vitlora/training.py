@@ -9,6 +9,7 @@ batch as torch ops, so the model never waits for JPEG decoding.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ import torch
 from . import __version__
 from .config import TrainConfig
 from .errors import VitloraError
-from .persist import RunWriter, TrainState, log, prepare_out, read_checkpoint, resume_config
+from .persist import (OutPlan, RunWriter, TrainState, discard_unresumable, log, open_staging, out_path, plan_out,
+                      publish, read_checkpoint, resume_config)
+from .rundir import exclusive_lock
 from .runtime import Runtime, adapt_threads, barrier, setup, teardown
 from .surgery import HeadChange
 
@@ -31,10 +34,14 @@ class Session:
 
     config: TrainConfig
     rt: Runtime
-    out: Path
+    plan: OutPlan
     checkpoint: dict[str, Any] | None
     progress: bool
     t_start: float
+
+    @property
+    def out(self) -> Path:
+        return self.plan.out
 
     def log(self, message: str) -> None:
         log(self.rt, message)
@@ -64,25 +71,27 @@ class Decoded:
     skipped: int
 
 
-def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool) -> Session:
-    """Validate settings, pick device and precision, prepare the run folder (and read the checkpoint to resume)."""
+def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool, locks: contextlib.ExitStack) -> Session:
+    """Validate settings, pick device and precision, lock and check the run folder (read the checkpoint to resume).
+
+    Nothing is written here: the staging folder is created once the data and the model have loaded.
+    """
     import vitlora.data  # noqa: F401  the clock (wall_s) starts once the decoding stack is imported
 
     t_start = time.time()
     config.validate()
     rt = setup(config.device, config.precision)
-    try:
-        out = prepare_out(config, resume, overwrite, rt)
-        checkpoint = read_checkpoint(out) if resume else None
-        if checkpoint is not None:
-            config = resume_config(checkpoint, out, config)
-        config.out = str(out)
-    except BaseException:
-        teardown(rt)
-        raise
+    locks.callback(teardown, rt)
+    if rt.is_main:  # one trainer per --out: refused before anything is read or written
+        locks.enter_context(exclusive_lock(out_path(config)))
+    plan = plan_out(config, resume, overwrite, recover=rt.is_main)
+    checkpoint = read_checkpoint(plan.resume_from) if plan.resume_from is not None else None
+    if checkpoint is not None:
+        config = resume_config(checkpoint, plan.out, config)
+    config.out = str(plan.out)
     log(rt, f"vitlora {__version__}: device {rt.device}, precision {rt.precision} ({rt.reason})"
         + (f", {rt.world_size} processes" if rt.distributed else ""))
-    return Session(config, rt, out, checkpoint, progress, t_start)
+    return Session(config, rt, plan, checkpoint, progress, t_start)
 
 
 def find_data(config: TrainConfig) -> tuple[list[str], list[Any], list[Any]]:
@@ -190,17 +199,30 @@ def run_files(s: Session, built: Built, data: Decoded) -> RunWriter:
         "new_labels": change.new_labels,
         "data_label2id": change.data_label2id(),
     }
-    return RunWriter(s.out, meta, labels_info, built.processor, rt.precision)
+    return RunWriter(s.plan.staging, meta, labels_info, built.processor, rt.precision)
 
 
 def finish(s: Session, writer: RunWriter, hook: Any, built: Built, state: TrainState) -> None:
-    """Extend mode: best epoch back and calibrated; then metrics, curves and model card."""
+    """Extend mode: best epoch back and calibrated; then metrics, curves and model card; then the swap into `--out`."""
     if hook is not None:
-        writer.extend_summary(built.peft_model, hook.finish(s.out), state.best_epoch)
+        writer.extend_summary(built.peft_model, hook.finish(writer.uncalibrated()), state.best_epoch)
     doc = writer.finish(state, s.t_start)
+    publish(s.plan)
     acc = doc["best_val_accuracy"]
     s.log(f"saved run to {s.out} (best epoch {state.best_epoch}, "
-          f"val accuracy {acc if acc is not None else 'n/a'}, {doc['wall_s']:.1f} s)")
+          f"val accuracy {f'{acc:.4f}' if acc is not None else 'n/a'}, {doc['wall_s']:.1f} s)")
+
+
+def nothing_to_resume(s: Session) -> bool:
+    """`--resume` of a finished run that already has `--epochs` epochs: leave it exactly as it is."""
+    if s.checkpoint is None or s.plan.resume_from != s.plan.out:
+        return False
+    done = int(s.checkpoint["state"]["epoch"])
+    if done < s.config.epochs:
+        return False
+    s.log(f"{s.out} is a finished run of {done} epochs: nothing to resume (pass --epochs N above {done} "
+          "to train it longer)")
+    return True
 
 
 def train_to_dir(
@@ -213,28 +235,51 @@ def train_to_dir(
 ) -> Path:
     """Fine-tune with LoRA as `config` says and write the run folder; returns it (the CLI's path: no reload).
 
-    `on_epoch_end(record)` is called on the main process after each epoch's checkpoint is
-    written (so raising from it, e.g. KeyboardInterrupt, simulates an interruption).
+    The run is built in a staging folder beside `--out` and swapped in when complete (see
+    `vitlora.persist`); a second trainer on the same `--out` is refused while this one holds
+    its lock. `on_epoch_end(record)` is called on the main process after each epoch's
+    checkpoint is written (so raising from it, e.g. KeyboardInterrupt, simulates an interruption).
     """
     from .extend import lora_lr_scale
     from .loop import Job, fit
 
-    s = start(config, overwrite, resume, progress)
-    try:
+    with contextlib.ExitStack() as locks:
+        s = start(config, overwrite, resume, progress, locks)
+        if nothing_to_resume(s):
+            return s.out
         labels, train_samples, val_samples = find_data(s.config)
         built = build_model(s.config, labels, s.log)
         data = decode_data(s, built, train_samples, val_samples)
         hook = prepare_head(s, built, data)
         writer = run_files(s, built, data)
-        job = Job(built.peft_model, data.train, data.val, built.pp, dict(enumerate(built.change.labels)), hook)
-        state = fit(job, s.config, s.rt, writer, lora_lr_scale(s.config), s.checkpoint, progress, s.t_start,
-                    on_epoch_end)
-        if s.rt.is_main:
-            finish(s, writer, hook, built, state)
-        barrier(s.rt)
-    finally:
-        teardown(s.rt)
+        try:
+            if s.rt.is_main:
+                open_staging(s.plan)
+            barrier(s.rt)
+            job = Job(built.peft_model, data.train, data.val, built.pp, dict(enumerate(built.change.labels)), hook)
+            state = fit(job, s.config, s.rt, writer, lora_lr_scale(s.config), s.checkpoint, progress, s.t_start,
+                        on_epoch_end)
+            if s.rt.is_main:
+                finish(s, writer, hook, built, state)
+            barrier(s.rt)
+        except OSError as exc:  # disk full, permissions: the old run stays; a resumable checkpoint stays too
+            if s.rt.is_main:
+                discard_unresumable(s.plan)
+            raise VitloraError(write_failure(exc, s.plan)) from None
+        except BaseException:  # Ctrl-C, errors: finished epochs stay resumable, nothing else is left behind
+            if s.rt.is_main:
+                discard_unresumable(s.plan)
+            raise
     return s.out
+
+
+def write_failure(exc: OSError, plan: OutPlan) -> str:
+    """One sentence for a failed write during training: what failed, and what was kept."""
+    what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    kept = (f"; the finished epochs are kept in {plan.staging}: free space and continue with --resume"
+            if plan.staging.is_dir() else "")
+    state = "unchanged" if plan.out.exists() else "not created"
+    return f"cannot write the run ({what}); {plan.out} is {state}{kept}"
 
 
 def train(config: TrainConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
