@@ -7,6 +7,7 @@ and the reachability probe is either bypassed by HF_HUB_OFFLINE or replaced.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -135,6 +136,8 @@ def hf_calls(monkeypatch):
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, *args, **kwargs):
+        folder = Path(kwargs["folder_path"])  # a temporary copy: keep what would have been uploaded
+        kwargs["files"] = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         calls.append(("upload_folder", args, kwargs))
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -150,7 +153,8 @@ def run_dir(tmp_path: Path) -> Path:
     (run / "checkpoints" / "epoch-1").mkdir(parents=True)
     (run / "adapter_config.json").write_text("{}")
     (run / "adapter_model.safetensors").write_bytes(b"x")
-    (run / "vitlora.json").write_text("{}")
+    (run / "vitlora.json").write_text(json.dumps({"base_model": "/home/me/models/deit-tiny",
+                                                  "config": {"data": "/home/me/photos", "out": "runs/r"}}))
     (run / "checkpoints" / "epoch-1" / "adapter_model.safetensors").write_bytes(b"x")
     return run
 
@@ -236,7 +240,11 @@ def test_push_creates_repo_and_uploads_artifacts(run_dir, hf_calls, monkeypatch)
 
     _, args, kwargs = hf_calls[1]
     assert kwargs["repo_id"] == "me/raccoons"
-    assert Path(kwargs["folder_path"]) == run_dir
+    assert Path(kwargs["folder_path"]).name == run_dir.name
+    assert set(kwargs["files"]) == {"adapter_config.json", "adapter_model.safetensors", "vitlora.json"}
+    pushed = json.loads(kwargs["files"]["vitlora.json"])  # no absolute local paths leave the machine
+    assert pushed == {"base_model": "deit-tiny", "config": {"data": "photos", "out": "runs/r"}}
+    assert "/home/me" in (run_dir / "vitlora.json").read_text()  # the run itself is not changed
     assert kwargs["token"] == "hf_secret"
     assert "checkpoints/*" in kwargs["ignore_patterns"]
 
@@ -260,3 +268,14 @@ def test_push_reports_hub_errors_as_vitlora_error(run_dir, monkeypatch):
     with pytest.raises(VitloraError, match="403 Forbidden: you cannot write") as err:
         hub.push_run(run_dir, "me/raccoons", token="hf_x")
     assert "\n" not in str(err.value)
+
+
+def test_card_strips_absolute_paths_and_survives_any_label_text():
+    settings = {"data": "/home/me/photos/raccoons", "negatives": "/home/me/negs", "out": "runs/r", "rank": 8}
+    metrics = {"epochs": METRICS["epochs"], "extend": {"negatives": "/home/me/negs"}}
+    labels = ["caf\udce9", "ok"]  # a Latin-1 folder name as os.fsdecode keeps it
+    card = render_model_card(settings, metrics, labels, "/home/me/models/deit-tiny", new_labels=["caf\udce9"])
+    assert "/home/me" not in card
+    assert "raccoons" in card and "negs" in card and "runs/r" in card and "deit-tiny" in card
+    assert "caf\ufffd" in card
+    card.encode("utf-8")  # writable as the README.md of the run

@@ -18,13 +18,32 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-__all__ = ["render_model_card", "best_val_accuracy"]
+__all__ = ["render_model_card", "best_val_accuracy", "strip_local_paths"]
 
 MAX_LISTED_LABELS = 50
 MAX_LISTED_SETTING_ITEMS = 20
 TAGS = ["vitlora", "lora", "image-classification"]
 # org/name or name, as the hub spells model ids; anything else is a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")  # POSIX, home, Windows drive or UNC
+
+
+def strip_local_paths(value: Any) -> Any:
+    """`value` with every absolute local path (in any nested str) cut to its last part: cards and pushed
+    files say which folder, never where it lay on the trainer's disk."""
+    if isinstance(value, dict):
+        return {k: strip_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strip_local_paths(v) for v in value]
+    if isinstance(value, str) and _ABSOLUTE.match(value):
+        return PurePath(value.replace("\\", "/")).name or value
+    return value
+
+
+def _printable(text: str) -> str:
+    """Text any UTF-8 file can hold: lone surrogates (e.g. a non-UTF-8 folder name as os.fsdecode keeps it)
+    become U+FFFD instead of failing the write."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def best_val_accuracy(metrics: dict[str, Any]) -> float | None:
@@ -58,11 +77,13 @@ def render_model_card(
     usage snippet loads the adapter from; without it the snippet points at a
     local folder.
     """
-    labels = [str(label) for label in labels]
-    new_labels = [str(label) for label in new_labels] if new_labels else None
+    labels = [_printable(str(label)) for label in labels]
+    new_labels = [_printable(str(label)) for label in new_labels] if new_labels else None
+    settings, metrics = strip_local_paths(settings), strip_local_paths(metrics)
     mode = str(settings.get("mode") or ("extend" if new_labels else "replace"))
     adapter_ref = repo_id or settings.get("repo_id") or "path/to/run-folder"
     is_hub_id = bool(_HUB_ID.match(base_model))
+    base_model = strip_local_paths(base_model)
     base_name = base_model if is_hub_id else (PurePath(base_model).name or base_model)
     title = settings.get("name") or repo_id or settings.get("repo_id") or f"LoRA adapter for {base_name}"
 
@@ -75,7 +96,7 @@ def render_model_card(
         _metrics_table(metrics),
         _limits(labels, base_model, mode, new_labels, is_hub_id),
     ]
-    text = f"---\n{front}---\n\n" + "\n\n".join(s.strip() for s in sections) + "\n"
+    text = _printable(f"---\n{front}---\n\n" + "\n\n".join(s.strip() for s in sections) + "\n")
     ModelCard(text)  # re-parse: raises if the front matter is not valid YAML metadata
     return text
 

@@ -11,6 +11,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -200,16 +201,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _write_csv(args.csv, rows, args.top_k)
     if not (args.json or args.csv) or len(rows) <= 20:
         for row in rows:
-            print(row["path"])
+            print(shown_path(row["path"]))
             for rank, item in enumerate(row["top_k"], 1):
                 print(f"  {rank}. {item['label'][:40]:<40} {100 * item['score']:6.2f}%")
     if args.json or args.csv:
-        print(f"wrote {len(rows)} predictions to {args.json or args.csv}")
+        print(f"wrote {len(rows)} predictions to {shown_path(args.json or args.csv)}")
     if skipped:
-        shown = ", ".join(f"{p} ({r})" for p, r in skipped[:3])
+        shown = ", ".join(f"{shown_path(p)} ({r})" for p, r in skipped[:3])
         print(f"warning: skipped {len(skipped)} of {len(paths)} files that could not be read: {shown}",
               file=sys.stderr)
     return 0 if rows else 2
+
+
+def shown_path(path: str) -> str:
+    """A file name printable on any terminal: bytes that are not UTF-8 (kept by os.fsdecode) shown as U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _predict_onnx(export_dir: str, paths: list[str], top_k: int, batch_size: int,
@@ -245,7 +251,7 @@ def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
         for item in row["top_k"]:
             cells += [item["label"], f"{item['score']:.6f}"]
         writer.writerow(cells)
-    write_bytes_atomic(path, buf.getvalue().encode())
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))  # file names byte for byte
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -348,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VitloraError as exc:
         print(f"vitlora {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # disk full, permissions, a path under a file: nothing half-written is left (atomic writes)
+        where = f": {shown_path(os.fsdecode(exc.filename))}" if exc.filename else ""
+        print(f"vitlora {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

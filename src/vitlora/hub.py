@@ -9,13 +9,17 @@ token; only then create the repo and upload.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_session, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .card import strip_local_paths
 from .errors import VitloraError
 from .rundir import require_run_dir
 
@@ -69,19 +73,37 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False,
                            "(or set HF_TOKEN); nothing was uploaded")
 
     api = HfApi(token=token)
-    try:
-        repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        # create_repo resolves a bare "name" to "user/name"; upload to what it created.
-        api.upload_folder(
-            repo_id=getattr(repo_url, "repo_id", None) or repo_id,
-            folder_path=str(run),
-            ignore_patterns=list(IGNORE_PATTERNS),
-            commit_message=f"Upload vitlora run {run.resolve().name}",
-            token=token,
-        )
-    except Exception as exc:  # HTTP errors (401/403/409...), connection drops mid-upload
-        raise VitloraError(f"pushing {run} to {repo_id} failed: {_one_line(exc)}") from exc
+    with tempfile.TemporaryDirectory(prefix="vitlora-push-") as tmp:
+        upload = publishable_copy(run, Path(tmp) / run.resolve().name)
+        try:
+            repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+            # create_repo resolves a bare "name" to "user/name"; upload to what it created.
+            api.upload_folder(
+                repo_id=getattr(repo_url, "repo_id", None) or repo_id,
+                folder_path=str(upload),
+                ignore_patterns=list(IGNORE_PATTERNS),
+                commit_message=f"Upload vitlora run {run.resolve().name}",
+                token=token,
+            )
+        except Exception as exc:  # HTTP errors (401/403/409...), connection drops mid-upload
+            raise VitloraError(f"pushing {run} to {repo_id} failed: {_one_line(exc)}") from exc
     return str(repo_url)
+
+
+def publishable_copy(run: Path, dest: Path) -> Path:
+    """The run as it is uploaded: no checkpoints or links, and no absolute local paths in its JSON files
+    (`vitlora.json`, `metrics.json`, `adapter_config.json` record where things lay on the trainer's disk)."""
+    shutil.copytree(run, dest, symlinks=True, ignore=shutil.ignore_patterns("checkpoints", ".*"))
+    for path in [p for p in dest.rglob("*") if p.is_symlink()]:
+        path.unlink()
+    for path in dest.rglob("*.json"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                doc = json.loads(path.read_text())
+            except ValueError:
+                continue
+            path.write_text(json.dumps(strip_local_paths(doc), indent=2) + "\n")
+    return dest
 
 
 def hub_unreachable_reason(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> str | None:

@@ -87,12 +87,12 @@ def load_base(model_id: str, device: torch.device | str = "cpu") -> tuple[nn.Mod
 
     if is_run_dir(model_id):
         model, meta, _ = load_run_model(model_id, merge=True)
-        info = {"base_model": str(Path(model_id).resolve()), "stacked_on": meta.get("base_model")}
+        info = {"base_model": str(model_id), "stacked_on": meta.get("base_model")}  # as given: no resolved local paths
     else:
         if Path(model_id).is_dir() and (Path(model_id) / ADAPTER_CONFIG).is_file():
             raise VitloraError(f"{model_id} is a PEFT adapter without vitlora.json; pass its base model instead")
         model = _from_pretrained(AutoModelForImageClassification, model_id)
-        info = {"base_model": str(Path(model_id).resolve()) if Path(model_id).exists() else model_id}
+        info = {"base_model": str(model_id)}  # the hub id or the path as the user gave it (vitlora.json is shared)
     if not getattr(model.config, "id2label", None):
         raise VitloraError(f"{model_id} is not an image classifier (no labels in its config)")
     model.config.id2label = {int(k): v for k, v in model.config.id2label.items()}

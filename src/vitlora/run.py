@@ -137,6 +137,12 @@ def _check_predict_args(top_k: int, batch_size: int) -> None:
         raise VitloraError("--batch-size must be at least 1")
 
 
+def inference_precision(requested: str, device: torch.device) -> str:
+    """Inference `auto` is fp32 on every device: probabilities then match `pipeline()` on the merged model to
+    1e-3 (bf16 autocast moved them by up to 0.036); bf16/fp16 only when asked for (and supported)."""
+    return "fp32" if requested == "auto" else pick_precision(requested, device)[0]
+
+
 def load(
     run_dir: str | Path,
     device: str = "auto",
@@ -154,7 +160,7 @@ def load(
 
     model, meta, labels_info = load_run_model(run_dir, merge=merge, base_model=base_model)
     dev = pick_device(device)
-    prec, _ = pick_precision(precision, dev) if precision == "auto" else (precision, "")
+    prec = inference_precision(precision, dev)
     return Run(
         run_dir=Path(run_dir),
         model=model.to(dev).eval(),
