@@ -111,13 +111,13 @@ def plan_out(config: TrainConfig, resume: bool, overwrite: bool, recover: bool =
             if (folder / CHECKPOINT).is_file():
                 return OutPlan(out, staging, folder)
         raise VitloraError(f"nothing to resume in {out}: no {CHECKPOINT} (start without --resume)")
+    if (staging.exists() or staging.is_symlink()) and not overwrite:
+        raise VitloraError(f"an interrupted run of {out} is in {staging}: continue it with --resume, or pass "
+                           "--overwrite to start over")
     check_out_dir(out, overwrite)
     if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
         raise VitloraError(f"--out {out} is not a vitlora run (no {RUN_MARKER}); --overwrite only replaces a run "
                            "or an empty folder, choose another folder")
-    if (staging.exists() or staging.is_symlink()) and not overwrite:
-        raise VitloraError(f"an interrupted run of {out} is in {staging}: continue it with --resume, or pass "
-                           "--overwrite to start over")
     return OutPlan(out, staging)
 
 

@@ -10,6 +10,7 @@ batch as torch ops, so the model never waits for JPEG decoding.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -80,15 +81,16 @@ def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool, lo
 
     t_start = time.time()
     config.validate()
-    rt = setup(config.device, config.precision)
-    locks.callback(teardown, rt)
-    if rt.is_main:  # one trainer per --out: refused before anything is read or written
+    is_main = int(os.environ.get("RANK", "0")) == 0  # as `setup` will say; set by torchrun/accelerate
+    if is_main:  # one trainer per --out: refused before anything is read or written
         locks.enter_context(exclusive_lock(out_path(config)))
-    plan = plan_out(config, resume, overwrite, recover=rt.is_main)
+    plan = plan_out(config, resume, overwrite, recover=is_main)
     checkpoint = read_checkpoint(plan.resume_from) if plan.resume_from is not None else None
     if checkpoint is not None:
-        config = resume_config(checkpoint, plan.out, config)
+        config = resume_config(checkpoint, plan.out, config)  # its device and precision too, so set up after
     config.out = str(plan.out)
+    rt = setup(config.device, config.precision)
+    locks.callback(teardown, rt)
     log(rt, f"vitlora {__version__}: device {rt.device}, precision {rt.precision} ({rt.reason})"
         + (f", {rt.world_size} processes" if rt.distributed else ""))
     return Session(config, rt, plan, checkpoint, progress, t_start)
