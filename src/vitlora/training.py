@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .errors import VitloraError
 from .persist import (OutPlan, RunWriter, TrainState, discard_unresumable, log, open_staging, out_path, plan_out,
                       publish, read_checkpoint, resume_config)
-from .rundir import exclusive_lock
+from .rundir import check_out_dir, exclusive_lock
 from .runtime import Runtime, adapt_threads, barrier, setup, teardown
 from .surgery import HeadChange
 
@@ -82,6 +82,7 @@ def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool, lo
     t_start = time.time()
     config.validate()
     is_main = int(os.environ.get("RANK", "0")) == 0  # as `setup` will say; set by torchrun/accelerate
+    check_out_dir(out_path(config), overwrite=True)  # a link, a path under a file: before the lock beside it
     if is_main:  # one trainer per --out: refused before anything is read or written
         locks.enter_context(exclusive_lock(out_path(config)))
     plan = plan_out(config, resume, overwrite, recover=is_main)
