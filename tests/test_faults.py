@@ -278,3 +278,18 @@ def test_real_full_disk_on_a_small_tmpfs(capsys, tiny_model, colour_folder, base
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "run"]
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
+
+
+def test_training_a_finished_run_longer_keeps_it_until_the_longer_one_is_complete(capsys, monkeypatch, base_run,
+                                                                                 colour_folder, tmp_path):
+    out = tmp_path / "longer"
+    shutil.copytree(base_run, out)
+    old = snapshot(out)
+    fail_fsync_after(monkeypatch, 0)  # the copy to staging works, the first save in it fails
+    code, err = cli(capsys, "train", colour_folder, "--out", out, "--resume", "--epochs", "2", "--quiet")
+    assert code == 2 and "No space left on device" in one_line_error(err)
+    assert snapshot(out) == old
+    monkeypatch.undo()
+    assert main(["train", str(colour_folder), "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["longer"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
 import random
 import shutil
@@ -126,10 +127,17 @@ def open_staging(plan: OutPlan) -> None:
     if plan.resume_from == plan.staging:
         return
     remove_tree(plan.staging)
-    if plan.resume_from is not None:
-        shutil.copytree(plan.resume_from, plan.staging, symlinks=True)
-    else:
+    if plan.resume_from is None:
         plan.staging.mkdir()
+        return
+    copy = plan.staging.with_name(plan.staging.name + "-copy")  # a half copy never poses as a resumable run
+    remove_tree(copy)
+    try:
+        shutil.copytree(plan.resume_from, copy, symlinks=True)
+        os.replace(copy, plan.staging)
+    except BaseException:
+        remove_tree(copy)
+        raise
 
 
 def publish(plan: OutPlan) -> None:

@@ -220,6 +220,7 @@ def check_destination(dest: str | Path, run_dir: str | Path, overwrite: bool, ki
     with `overwrite`, a non-empty folder that holds no `kind_file` (not an earlier output of
     the same kind, e.g. a typo'd path).
     """
+    check_out_dir(Path(dest).expanduser(), overwrite=True, what=what)  # a link, a path under a file: refused as given
     final, run = Path(dest).expanduser().resolve(), Path(run_dir).expanduser().resolve()
     if final == run or run in final.parents or final in run.parents:
         raise VitloraError(f"{what} {dest} is the run {run_dir}, inside it or contains it; choose another folder")
