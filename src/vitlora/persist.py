@@ -5,9 +5,11 @@ swapped in by rename only when complete, calibration and model card included: a 
 full disk at any point leaves the previous run at `--out` as it was. Every check (flags,
 data, model) happens before the staging folder is created. The staging folder is also where
 an interrupted run's checkpoint lives: `--resume` continues from it (or, to train a finished
-run longer, from a copy of the run). File names and atomic writes come from `vitlora.rundir`. A checkpoint holds only tensors and
-plain containers (RNG states as tensors) and is read with `torch.load(weights_only=True)`:
-a run folder is something people download and share, and a pickle could run any code.
+run longer, from a copy of the run). File names and atomic writes come from `vitlora.rundir`.
+
+A checkpoint holds only tensors and plain containers (RNG states as tensors) and is read with
+`torch.load(weights_only=True)`: a run folder is something people download and share, and a
+pickle could run any code.
 """
 
 from __future__ import annotations

@@ -8,11 +8,13 @@ A run directory is a contract: whatever is in it must load. Layout of RUN_DIR (s
     vitlora.json                                      exact settings + provenance (the run marker)
     metrics.json, training_curves.png, README.md      results and model card
     checkpoints/last/state.pt                         resume state (optimizer, RNG, history)
+    checkpoints/best/                                 extend mode: the best epoch before calibration
 
 Every file is written to a temporary name in the same folder and moved into place with
-`os.replace` (atomic on POSIX), and `vitlora.json`, the marker that makes a folder a run, is
-written last on the first save. An interrupted save leaves the previous complete files, never
-half a file. Every module that reads or writes these files takes the names from here.
+`os.replace` (atomic on POSIX); whole folders (a new run, a merged model) are built beside
+their destination and swapped in by `publish_dir`, and `exclusive_lock` keeps a second writer
+out. An interrupted save leaves the previous complete files, never half a file. Every module
+that reads or writes these files takes the names from here.
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ def check_out_dir(out: str | Path, overwrite: bool, what: str = "--out") -> Path
     """Refuse a symlink, a path under a file, a non-folder, and a non-empty folder unless asked to replace it."""
     out = Path(out)
     if out.is_symlink():
-        raise VitloraError(f"{what} {out} is a symbolic link; pass the real folder (vitlora never writes through links)")
+        raise VitloraError(f"{what} {out} is a symbolic link; pass the real folder (vitlora never writes "
+                           "through links)")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     if existing is not None and existing != out and not existing.is_dir():
         raise VitloraError(f"{what} {out} is inside {existing}, which is a file, not a folder")
