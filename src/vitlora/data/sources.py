@@ -132,8 +132,8 @@ def _discover_folder(spec: str, label: str | None) -> DataSource:
     with os.scandir(spec) as it:
         entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
     subdirs = [e for e in entries if e.is_dir()]
-    files = [e for e in entries if e.is_file()]
-    top_images = [e.path for e in files if is_image_file(e.name)]
+    files = [e for e in entries if not e.is_dir()]
+    top_images = [e.path for e in files if e.is_file() and is_image_file(e.name)]  # is_file: S_ISREG
     top_ignored = len(files) - len(top_images)
 
     classes: dict[str, list[str]] = {}
