@@ -19,10 +19,13 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import VitloraError
 from .decode import printable
+
+if TYPE_CHECKING:
+    from .webdataset import ShardSet
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Folders that archive tools / notebooks leave behind; never classes.
@@ -43,10 +46,11 @@ class DataSource:
     """The discovered samples plus what the user needs to know about the layout."""
 
     samples: list[Sample]
-    kind: str  # imagefolder | flat | manifest | hf
+    kind: str  # imagefolder | flat | manifest | hf | webdataset
     root: str
-    labels: list[str]  # sorted, unique
+    labels: list[str]  # sorted, unique (webdataset: labels.txt's order when it has one)
     ignored_files: int = 0
+    shards: ShardSet | None = None  # webdataset: samples stream from these instead of ``samples`` (empty)
 
 
 def is_image_file(name: str) -> bool:
@@ -274,11 +278,15 @@ def _discover_manifest(spec: str, label: str | None) -> DataSource:
 
 
 def discover(spec: str, label: str | None = None) -> DataSource:
-    """Find the samples behind ``--data SPEC``: an ImageFolder, a flat folder, a manifest or ``hf:``."""
+    """Find the samples behind ``--data SPEC``: an ImageFolder, a flat folder, a manifest, ``hf:`` or tar shards."""
     if spec.startswith("hf:"):
         from .hf import discover_hf  # datasets is an optional extra
 
         return discover_hf(spec, label)
+    if spec.lower().endswith(".tar"):  # WebDataset shards: one .tar or a brace pattern of them
+        from .webdataset import discover_shards
+
+        return discover_shards(spec, label)
     if not os.path.exists(spec):
         raise VitloraError(f"data not found: {spec}")
     if os.path.isdir(spec):
@@ -286,7 +294,7 @@ def discover(spec: str, label: str | None = None) -> DataSource:
     if spec.lower().endswith((".csv", ".jsonl")):
         return _discover_manifest(spec, label)
     raise VitloraError(
-        f"{spec} is a file; expected a folder of images, a .csv/.jsonl manifest or hf:NAME/SPLIT"
+        f"{spec} is a file; expected a folder of images, a .csv/.jsonl manifest, .tar shards or hf:NAME/SPLIT"
     )
 
 
