@@ -142,7 +142,7 @@ def test_same_pixels_as_a_folder_and_bad_images_skipped(tmp_path: Path) -> None:
         (folder / LABELS[i % 3]).mkdir(parents=True, exist_ok=True)
         (folder / LABELS[i % 3] / f"s{i:05d}.png").write_bytes(noisy(i))
     label2id = {lab: i for i, lab in enumerate(LABELS)}
-    ours, report = shards.decode_split("all", label2id, SMALL, 0.0)
+    ours, report = shards.decode_split("all", label2id, SMALL, 0.0, draft=False)
     ref, ref_report = build_cache(discover(str(folder)).samples, label2id, SMALL, train=False, draft=False)
     assert report.count == ref_report.count == 1 and report.skipped[0] == ("train-0001.tar:s00004", "not an image")
     by_key = {p.rsplit(":", 1)[1]: k for k, p in enumerate(ours.paths)}
@@ -152,6 +152,20 @@ def test_same_pixels_as_a_folder_and_bad_images_skipped(tmp_path: Path) -> None:
     ids = [y for _, ys in shards.train_batches(label2id, SMALL, 2, 0.0, 0, 0, report=skips) for y in ys.tolist()]
     # the epoch keeps its length (9, as indexed): the unreadable image's place goes to the next pass
     assert len(ids) == 9 and skips.count >= 1 and skips.skipped[0][1] == "not an image"
+
+
+def test_bounded_training_sample_per_label(tmp_path: Path) -> None:
+    """A few training images of each label (to imprint new head rows), not the whole data set."""
+    shards = discover(make_shards(tmp_path / "s", 60, per_shard=10)).shards
+    label2id = {lab: i for i, lab in enumerate(LABELS)}
+    cache, _ = shards.decode_split("train", label2id, SMALL, 0.25, train=True, per_label=4)
+    assert cache.images.shape == (12, 3, SMALL.work_size(), SMALL.work_size())
+    assert sorted(cache.labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    ids = _index_of(cache.images)
+    assert [i % 3 for i in ids] == cache.labels.tolist()
+    val, _ = shards.decode_split("val", label2id, SMALL, 0.25)
+    assert not set(ids) & set(_index_of(val.images))
+    assert list(shards.label_counts("all", 0.0)) == [20, 20, 20]
 
 
 def test_a_class_only_in_validation_is_an_error(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ import itertools
 import os
 import random
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -170,8 +171,7 @@ class ShardSet:
         return int(sum(self._in_split(self.fractions[i], split, val_fraction).sum() for i in idx))
 
     def split_labels(self, split: str, val_fraction: float) -> set[str]:
-        return {self.labels[j] for f, ids in zip(self.fractions, self.label_ids)
-                for j in np.unique(ids[self._in_split(f, split, val_fraction)])}
+        return {self.labels[j] for j in np.flatnonzero(self.label_counts(split, val_fraction))}
 
     def rank_shards(self, rank: int, world_size: int) -> list[int]:
         """Which shards rank ``rank`` reads (the ``nodesplitter``'s choice, fixed for the run)."""
@@ -218,26 +218,45 @@ class ShardSet:
         good = _readable(_cycle(passes, self.spec), report if report is not None else SkipReport())
         return _batched(itertools.islice(good, self.samples_per_rank(val_fraction, world_size)), batch_size)
 
+    def label_counts(self, split: str, val_fraction: float) -> np.ndarray:
+        """Samples of each label (in ``labels`` order) in ``split``."""
+        return sum((np.bincount(ids[self._in_split(f, split, val_fraction)], minlength=len(self.labels))
+                    for f, ids in zip(self.fractions, self.label_ids)), np.zeros(len(self.labels), dtype=np.int64))
+
     def decode_split(self, split: str, label2id: dict[str, int] | None, pp: Preprocess, val_fraction: float,
-                     train: bool = False, num_threads: int = 2, memory_budget_bytes: int = 4 << 30,
-                     disk_dir: str | None = None) -> tuple[ImageCache, SkipReport]:
-        """All of ``split`` decoded into an ``ImageCache`` (the validation set, or "all" for eval),
-        read in one pass by this process (every shard, no rank split)."""
-        n = self.count(split, val_fraction)
+                     train: bool = False, per_label: int | None = None, draft: bool = True, num_threads: int = 2,
+                     memory_budget_bytes: int = 4 << 30, disk_dir: str | None = None) -> tuple[ImageCache, SkipReport]:
+        """``split`` decoded into an ``ImageCache``, read in one pass by this process (no rank split).
+
+        For the validation set, "all" for ``eval``, or (``per_label``, ``train``) a bounded
+        sample of training images, e.g. to imprint new head rows from class-mean features:
+        the first ``per_label`` of each label in file order, stopping once every label has them.
+        ``draft`` as in ``build_cache`` (``False`` to match ``pipeline()`` exactly).
+        """
+        counts = self.label_counts(split, val_fraction)
+        n = int(np.minimum(counts, per_label).sum() if per_label else counts.sum())
         if n == 0:
             raise VitloraError(f"no {split} samples in {self.spec} (validation fraction {val_fraction})")
         if label2id is not None:
             check_known_labels(self.labels, label2id)
-        shape, draft = cache_geometry(pp, train, None)
+        elif per_label:
+            raise ValueError("per_label needs label2id")
+        shape, draft_wh = cache_geometry(pp, train, None)
         slots = CacheSlots(n, shape, memory_budget_bytes, disk_dir)
-        work = partial(_decode_sample, pp=pp, train=train, work_size=None, draft=draft, label2id=label2id)
+        work = partial(_decode_sample, pp=pp, train=train, work_size=None, draft=draft_wh if draft else None,
+                       label2id=label2id)
         opts = _StreamOptions(val_fraction, split, 0, 0, 0, num_threads)
-        report, paths, labels = SkipReport(), [], []
+        report, paths, labels, taken = SkipReport(), [], [], Counter()
         try:
             for item in _readable(_decoded(self.spec, self.shards, work, opts, cycle=0), report):
+                if per_label and taken[item.label] >= per_label:
+                    continue
+                taken[item.label] += 1
                 slots.put(len(paths), item.image)
                 paths.append(item.name)
                 labels.append(item.label)
+                if len(paths) == n:
+                    break
             if not paths:
                 raise VitloraError(f"no readable images in {self.spec}: {report.summary()}")
             if train:
@@ -292,7 +311,7 @@ def _wanted(sample: dict[str, Any], split: str, val_fraction: float) -> bool:
 
 
 def _decode_sample(sample: dict[str, Any], pp: Preprocess, train: bool, work_size: int | None,
-                   draft: tuple[int, int], label2id: dict[str, int] | None) -> _Item:
+                   draft: tuple[int, int] | None, label2id: dict[str, int] | None) -> _Item:
     data = next(sample[e] for e in IMAGE_EXTS if e in sample)
     text = bytes(sample["cls"]).decode("utf-8", "replace").strip()
     label = label2id[text] if label2id is not None else -1
