@@ -148,6 +148,11 @@ def test_same_pixels_as_a_folder_and_bad_images_skipped(tmp_path: Path) -> None:
     by_key = {p.rsplit(":", 1)[1]: k for k, p in enumerate(ours.paths)}
     for k, p in enumerate(ref.paths):
         assert torch.equal(ours.images[by_key[Path(p).stem]], ref.images[k])
+    train_ref, _ = build_cache(discover(str(folder)).samples, label2id, SMALL, train=True)  # training pixels too
+    streamed = [x for x, _ in shards.train_batches(label2id, SMALL, 3, 0.0, 0, 0, shuffle_buffer=0)]
+    streamed = torch.cat(streamed)  # file order: the 8 readable ones, then the first again (the 9th place)
+    assert len(streamed) == 9 and torch.equal(streamed[8], streamed[0])
+    assert sorted(x.numpy().tobytes() for x in streamed[:8]) == sorted(x.numpy().tobytes() for x in train_ref.images)
     skips = SkipReport()
     ids = [y for _, ys in shards.train_batches(label2id, SMALL, 2, 0.0, 0, 0, report=skips) for y in ys.tolist()]
     # the epoch keeps its length (9, as indexed): the unreadable image's place goes to the next pass
