@@ -27,7 +27,7 @@ import torch
 
 from ..errors import BadImageError, VitloraError
 from .decode import SkipReport, load_rgb, printable
-from .sources import Sample
+from .samples import Sample
 from .transforms import Preprocess, resize_for_eval, resize_for_train
 
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import VitloraError
 from ..modeling import hub_reachable  # its home may move (issue 9): one probe for models and data sets
-from .sources import DataSource, Sample
+from .samples import DataSource, Sample
 
 _SPLIT_RE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<a>-?\d+%?)?:(?P<b>-?\d+%?)?\])?$")
 

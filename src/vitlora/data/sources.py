@@ -18,39 +18,14 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from ..errors import VitloraError
 from .decode import printable
-
-if TYPE_CHECKING:
-    from .webdataset import ShardSet
+from .samples import DataSource, Sample
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Folders that archive tools / notebooks leave behind; never classes.
 _JUNK_DIRS = frozenset({"__MACOSX", "__pycache__"})
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image: a file path, or an in-memory HF image with a readable id as ``path``."""
-
-    path: str
-    label: str | None
-    image: Any = None  # HF datasets: PIL image or {"bytes": ..., "path": ...}
-
-
-@dataclass
-class DataSource:
-    """The discovered samples plus what the user needs to know about the layout."""
-
-    samples: list[Sample]
-    kind: str  # imagefolder | flat | manifest | hf | webdataset
-    root: str
-    labels: list[str]  # sorted, unique (webdataset: labels.txt's order when it has one)
-    ignored_files: int = 0
-    shards: ShardSet | None = None  # webdataset: samples stream from these instead of ``samples`` (empty)
 
 
 def is_image_file(name: str) -> bool:

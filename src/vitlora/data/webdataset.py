@@ -53,7 +53,7 @@ from .cache import (
     decode_resized,
 )
 from .decode import SkipReport, printable
-from .sources import DataSource
+from .samples import DataSource
 from .transforms import Preprocess
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
