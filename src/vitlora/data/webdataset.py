@@ -210,11 +210,12 @@ class ShardSet:
         if empty:
             raise VitloraError(f"no training samples of {', '.join(empty[:10])} in {self.spec} "
                                "(every class needs one outside the validation share)")
-        mine = [self.shards[i] for i in self.rank_shards(rank, world_size)]
+        mine = frozenset(self.shards[i] for i in self.rank_shards(rank, world_size))
         _, draft = cache_geometry(pp, True, work_size)
         work = partial(_decode_sample, pp=pp, train=True, work_size=work_size, draft=draft, label2id=label2id)
         opts = _StreamOptions(val_fraction, "train", shuffle_buffer, seed, num_workers, num_threads)
-        passes = (_decoded(self.spec, mine, work, opts, cycle=epoch * 1000 + c) for c in itertools.count())
+        passes = (_decoded(self.spec, self.shards, mine, work, opts, cycle=epoch * 1000 + c)
+                  for c in itertools.count())
         good = _readable(_cycle(passes, self.spec), report if report is not None else SkipReport())
         return _batched(itertools.islice(good, self.samples_per_rank(val_fraction, world_size)), batch_size)
 
@@ -248,7 +249,7 @@ class ShardSet:
         opts = _StreamOptions(val_fraction, split, 0, 0, 0, num_threads)
         report, paths, labels, taken = SkipReport(), [], [], Counter()
         try:
-            for item in _readable(_decoded(self.spec, self.shards, work, opts, cycle=0), report):
+            for item in _readable(_decoded(self.spec, self.shards, frozenset(self.shards), work, opts, cycle=0), report):
                 if per_label and taken[item.label] >= per_label:
                     continue
                 taken[item.label] += 1
@@ -324,11 +325,11 @@ def _rank_split(src: Iterator[Any], keep: frozenset[str]) -> Iterator[Any]:
     return (u for u in src if u["url"] in keep)
 
 
-def _pipeline(shards: list[str], opts: _StreamOptions, cycle: int) -> Any:
+def _pipeline(shards: list[str], mine: frozenset[str], opts: _StreamOptions, cycle: int) -> Any:
     import webdataset as wds
 
-    ds = wds.WebDataset(shards, shardshuffle=len(shards) if opts.shuffle_buffer else False,
-                        seed=opts.seed * 100_003 + cycle, nodesplitter=partial(_rank_split, keep=frozenset(shards)),
+    ds = wds.WebDataset(shards, shardshuffle=len(mine) if opts.shuffle_buffer else False,
+                        seed=opts.seed * 100_003 + cycle, nodesplitter=partial(_rank_split, keep=mine),
                         workersplitter=wds.split_by_worker, empty_check=False)
     ds = ds.select(partial(_wanted, split=opts.split, val_fraction=opts.val_fraction))
     if opts.shuffle_buffer:
@@ -336,10 +337,10 @@ def _pipeline(shards: list[str], opts: _StreamOptions, cycle: int) -> Any:
     return ds
 
 
-def _decoded(spec: str, shards: list[str], work: Callable[[dict[str, Any]], _Item], opts: _StreamOptions,
-             cycle: int) -> Iterator[_Item]:
-    """One pass over ``shards``: decoded items, in loader workers or in a thread pool here."""
-    ds = _pipeline(shards, opts, cycle)
+def _decoded(spec: str, shards: list[str], mine: frozenset[str], work: Callable[[dict[str, Any]], _Item],
+             opts: _StreamOptions, cycle: int) -> Iterator[_Item]:
+    """One pass over this rank's shards (``mine``): decoded items, in loader workers or a thread pool here."""
+    ds = _pipeline(shards, mine, opts, cycle)
     try:
         if opts.num_workers > 0:
             loader = torch.utils.data.DataLoader(ds.map(work), batch_size=None, num_workers=opts.num_workers,
