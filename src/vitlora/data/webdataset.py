@@ -29,6 +29,7 @@ loader's prefetch and one batch, whatever the data set's size.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import os
 import random
@@ -272,11 +273,8 @@ def discover_shards(spec: str, label: str | None) -> DataSource:
     """``discover()`` for shards: labels and counts from the index pass; ``samples`` stays empty."""
     if label is not None:
         raise VitloraError(f"--label is for a flat folder of one class; {spec} takes labels from its .cls files")
-    try:
-        import webdataset  # noqa: F401
-    except ImportError:
-        raise VitloraError(f"{spec} needs the webdataset library; install the extra: "
-                           "pip install 'vitlora[webdataset]'") from None
+    if importlib.util.find_spec("webdataset") is None:
+        raise VitloraError(f"{spec} needs the webdataset library; install the extra: pip install 'vitlora[webdataset]'")
     shards = ShardSet.open(spec)
     return DataSource([], "webdataset", os.path.dirname(shards.shards[0]) or ".", shards.labels,
                       shards.incomplete, shards=shards)
