@@ -130,27 +130,3 @@ def test_real_deit_int8_is_small_and_agrees(tmp_path):
     assert report.int8.top1_agreement >= 0.99
     assert Path(report.path, "model.int8.onnx").stat().st_size < 10_000_000
 
-
-def test_int8_export_of_a_run_verified_on_its_training_photos(tiny_model, colour_folder, tmp_path):
-    """The path `vitlora export RUN OUT --int8` takes: load the run, verify on its own photos."""
-    from vitlora.cli import main
-    from vitlora.data import Preprocess, expand_image_paths
-    from vitlora.export.photos import photos, run_photos
-    from vitlora.run import load
-
-    run_dir = tmp_path / "run"
-    assert main(["train", str(colour_folder), "--model", str(tiny_model), "--out", str(run_dir), "--epochs", "1",
-                 "--quiet", "--val-split", "0.25"]) == 0
-    run = load(run_dir, device="cpu", merge=True)
-    images = run_photos(run.settings, run.preprocess, n=12)
-    assert images.shape == (12, 3, 32, 32)
-    all_files = expand_image_paths([str(colour_folder)])
-    assert torch.equal(images, photos(all_files, run.preprocess, n=12))  # same pick, same pixels
-    report = export_onnx(run.model, tmp_path / "int8", run.settings["processor"], verify_images=images, int8=True)
-    assert report.int8 is not None and report.int8.n_images == 12
-    rows = OnnxPredictor(report.path).predict_pixels(images[:3], top_k=1)
-    assert {row[0][0] for row in rows} <= {"blue", "green", "red"}
-
-    moved = dict(run.settings, config=dict(run.settings["config"], data=str(tmp_path / "gone")))
-    with pytest.raises(VitloraError, match="training photos are needed"):
-        run_photos(moved, Preprocess.from_pretrained(str(run_dir)))

@@ -113,3 +113,4 @@ def test_real_deit_openvino(tmp_path):
     got = softmax(OpenVinoPredictor(report.path).logits(pixels))
     expected = torch_probs(model, pixels)
     assert np.abs(got - expected).max() < 1e-4 and (got.argmax(-1) == expected.argmax(-1)).all()
+

@@ -12,7 +12,8 @@ An export folder holds, all written together or not at all:
   fed to the runtime are prepared the same way as during training.
 
 Modules: `common` (layout, checks, staging), `onnx_export`, `int8`, `openvino_export`,
-`predictor` (the runtimes behind one interface).
+`predictor` (the runtimes behind one interface), `photos` (real photos to verify on),
+`from_run` (`export_run`, what `vitlora export` calls).
 """
 
 from vitlora.export.common import (
@@ -25,6 +26,7 @@ from vitlora.export.common import (
     ExportReport,
     Int8Report,
 )
+from vitlora.export.from_run import export_run, open_export
 from vitlora.export.onnx_export import export_onnx
 from vitlora.export.openvino_export import OpenVinoPredictor, export_openvino
 from vitlora.export.predictor import OnnxPredictor, Predictor
@@ -43,4 +45,6 @@ __all__ = [
     "Predictor",
     "export_onnx",
     "export_openvino",
+    "export_run",
+    "open_export",
 ]

@@ -62,6 +62,20 @@ class ExportReport:
     export_seconds: float = 0.0
     int8: Int8Report | None = None
 
+    def describe(self) -> str:
+        """The line `vitlora export` prints."""
+        fmt = f"opset {self.opset}" if self.opset else "OpenVINO IR"
+        text = (
+            f"wrote {self.path}: {self.n_labels} labels, {fmt}; verified against PyTorch at batch sizes "
+            f"{self.batch_sizes_checked} (top-1 agree: {self.top1_agree}, max prob diff {self.max_abs_prob_diff:.1e})"
+        )
+        if self.int8:
+            text += (
+                f"; int8 model {self.int8.size_ratio:.2f}x the fp32 size, top-1 agrees with fp32 on "
+                f"{100 * self.int8.top1_agreement:.1f} % of {self.int8.n_images} photos"
+            )
+        return text
+
 
 class LogitsOnly(torch.nn.Module):
     """Give exporters a one-tensor-in, one-tensor-out module.
