@@ -7,7 +7,7 @@ recipes from onnxruntime's quantizer on photos NOT used for calibration or verif
 * ``static-<Method>``: ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations
   calibrated on the calibration photos with MinMax / Percentile / Entropy)
 * ``weight-only-acc<L>``: ``MatMulNBits`` 8-bit symmetric block-32 weights (`vitlora.export.int8`),
-  ``accuracy_level`` 0 (fp32 compute) or 4 (int8 compute)
+  ``accuracy_level`` 0 (fp32 compute) or 4 (int8 compute); ``weight-only-b16``: blocks of 16
 * ``vitlora --int8``: ``export_onnx(..., int8=True)`` as users run it (verified on the calibration photos)
 
 Only weight MatMuls are quantized (the attention's activation x activation MatMuls and the
@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-VARIANTS = ["dynamic", "static-MinMax", "static-Percentile", "weight-only-acc0", "weight-only-acc4", "vitlora"]
+VARIANTS = ["dynamic", "static-MinMax", "static-Percentile", "weight-only-acc0", "weight-only-acc4", "weight-only-b16",
+            "vitlora"]
 
 
 def held_out_paths(n: int) -> list[str]:
@@ -101,6 +102,8 @@ def make_variant(name: str, fp32: Path, work: Path, calib: np.ndarray, model, pr
                         calibrate_method=getattr(CalibrationMethod, name.split("-")[1]))
     elif name.startswith("weight-only-acc"):
         write_int8(fp32, out, accuracy_level=int(name.removeprefix("weight-only-acc")))
+    elif name == "weight-only-b16":
+        write_int8(fp32, out, block_size=16)
     elif name == "vitlora":
         import torch
 
@@ -134,7 +137,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(SHARED / "models/deit-tiny-patch16-224"))
     parser.add_argument("--run", help="a vitlora run folder (instead of --model)")
     parser.add_argument("--calib", default=str(SHARED / "data/raccoon"), help="calibration/verification photos")
-    parser.add_argument("--n-calib", type=int, default=64)
+    parser.add_argument("--n-calib", type=int, default=128)
     parser.add_argument("--n-heldout", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)

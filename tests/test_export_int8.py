@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export import DEIT, LABELS, PREPROCESS, RACCOON, tiny_vit
+from test_export import DEIT, LABELS, PREPROCESS, tiny_vit
 
 from vitlora.errors import VitloraError
 from vitlora.export import OnnxPredictor, export_onnx
@@ -18,6 +18,8 @@ from vitlora.export.common import softmax
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+
+IMAGENET = DEIT.parents[1] / "data" / "imagenet-samples"
 
 
 def photos(n: int, seed: int) -> torch.Tensor:
@@ -112,20 +114,20 @@ def test_overwrite_replaces_an_int8_export(int8_export, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEIT.is_dir() or not RACCOON.is_dir(), reason="shared DeiT-tiny or raccoon photos missing")
+@pytest.mark.skipif(not DEIT.is_dir() or not IMAGENET.is_dir(), reason="shared DeiT-tiny or ImageNet photos missing")
 def test_real_deit_int8_is_small_and_agrees(tmp_path):
     from transformers import ViTForImageClassification
 
-    from vitlora.data import Preprocess, expand_image_paths, normalize, stream_decoded
+    from vitlora.data import Preprocess, expand_image_paths
+    from vitlora.export.photos import photos
 
-    pp = Preprocess.from_pretrained(str(DEIT))
-    paths = expand_image_paths([str(RACCOON)])[:32]
-    pixels = torch.cat([normalize(b, pp) for b, names, _ in stream_decoded(paths, pp, 32) if len(names)])
+    # The base model's own kind of photos (ImageNet), as `export --int8` uses a run's training photos.
+    pixels = photos(expand_image_paths([str(IMAGENET)]), Preprocess.from_pretrained(str(DEIT)), n=128)
     model = ViTForImageClassification.from_pretrained(DEIT).eval()
     preprocess = json.loads((DEIT / "preprocessor_config.json").read_text())
     report = export_onnx(model, tmp_path / "deit-int8", preprocess, verify_images=pixels, int8=True)
     print(f"\nDeiT-tiny int8: {report.int8}")
-    assert report.int8 is not None and report.int8.n_images == 32
+    assert report.int8 is not None and report.int8.n_images == 128
     assert report.int8.size_ratio <= 0.40
     assert report.int8.top1_agreement >= 0.99
     assert Path(report.path, "model.int8.onnx").stat().st_size < 10_000_000

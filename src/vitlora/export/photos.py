@@ -11,7 +11,8 @@ import torch
 
 from vitlora.errors import VitloraError
 
-N_PHOTOS = 64
+# 99 % agreement over 64 photos would allow no single near-tie flip; 128 allow one.
+N_PHOTOS = 128
 
 
 def photos(files: Sequence[str], preprocess: Any, n: int = N_PHOTOS) -> torch.Tensor:
