@@ -1,4 +1,4 @@
-"""ONNX export: numerics vs PyTorch, dynamic batch, files written, atomicity, predictor."""
+"""ONNX export (fp32): numerics vs PyTorch, dynamic batch, files written, atomicity, predictor."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 
-from vitlora import export as export_mod
+from vitlora.export import common, onnx_export
 from vitlora.errors import VitloraError
 from vitlora.export import ExportReport, OnnxPredictor, export_onnx
 
@@ -69,7 +69,7 @@ def reuse_tiny_graph(tiny_export, monkeypatch):
     """Skip the exporter (the slow part) by copying the fixture's graph; everything after it
     (files, verification against a fresh tiny_vit(), publishing) still runs for real."""
     source = tiny_export[1] / "model.onnx"
-    monkeypatch.setattr(export_mod, "_save_onnx", lambda model, example, path, opset: shutil.copyfile(source, path))
+    monkeypatch.setattr(onnx_export, "_save_onnx", lambda model, example, path, opset: shutil.copyfile(source, path))
 
 
 def test_report_and_files(tiny_export):
@@ -120,7 +120,7 @@ def test_dynamic_batch_matches_pytorch(tiny_export, batch):
     logits = predictor.logits(pixels)
     assert logits.shape == (batch, 5)
     expected = torch_probs(model, pixels)
-    got = export_mod._softmax(logits)
+    got = common.softmax(logits)
     assert np.abs(got - expected).max() < 1e-5
     assert (got.argmax(-1) == expected.argmax(-1)).all()
 
@@ -175,7 +175,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         path.write_bytes(b"\x08\x07partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_mod, "_save_onnx", half_write)
+    monkeypatch.setattr(onnx_export, "_save_onnx", half_write)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         export_onnx(tiny_vit(), out, PREPROCESS)
@@ -251,7 +251,7 @@ def test_real_deit_on_raccoon_photos(tmp_path):
 
     predictor = OnnxPredictor(report.path)
     expected = torch_probs(model, pixels)
-    got = export_mod._softmax(predictor.logits(pixels))
+    got = common.softmax(predictor.logits(pixels))
     assert np.abs(got - expected).max() < 1e-4
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     top1 = [row[0][0] for row in predictor.predict_pixels(pixels, top_k=1)]
