@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, dest="batch_size")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--onnx", metavar="EXPORT_DIR", help="use an exported ONNX model instead of PyTorch")
+    p.add_argument("--onnx", metavar="EXPORT_DIR",
+                   help="predict with an export folder (ONNX, int8 ONNX or OpenVINO) instead of PyTorch")
+    p.add_argument("--int8", action="store_true",
+                   help="with --onnx: use the folder's int8 model; if EXPORT_DIR does not exist, export RUN_DIR "
+                        "there as int8 first (verified on the run's training photos)")
 
     p = sub.add_parser("merge", help="write a plain transformers model with the adapter merged in")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -102,10 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, dest="max_upload_mb")
     p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("export", help="export the merged model (ONNX)")
+    p = sub.add_parser("export", help="export the merged model (ONNX, int8 ONNX or OpenVINO), verified against PyTorch")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"])
+    p.add_argument("--int8", action="store_true",
+                   help="onnx only: write model.int8.onnx (int8 weights), kept only if its top-1 agrees with fp32 "
+                        "on >= 99%% of the verification photos")
+    p.add_argument("--verify-images", nargs="+", metavar="PATH", dest="verify_images",
+                   help="photos to verify the export on (default with --int8: 128 of the run's training photos)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("push", help="upload a run to the Hugging Face hub")
@@ -185,8 +194,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise VitloraError("--batch-size and --top-k must be at least 1")
     paths = expand_image_paths(args.paths)
     skipped: list[tuple[str, str]] = []
+    if args.int8 and not args.onnx:
+        raise VitloraError("--int8 needs --onnx EXPORT_DIR: the folder holding the int8 model, or where to export it")
     if args.onnx:
-        predictions = _predict_onnx(args.onnx, paths, args.top_k, args.batch_size, skipped)
+        if args.int8 and not Path(args.onnx).exists():
+            from .export import export_run
+
+            print(export_run(args.run_dir, args.onnx, int8=True).describe(), file=sys.stderr)
+        predictions = _predict_onnx(args.onnx, paths, args.top_k, args.batch_size, skipped, args.int8 or None)
     else:
         from .run import predict_files
 
@@ -219,12 +234,12 @@ def shown_path(path: str) -> str:
 
 
 def _predict_onnx(export_dir: str, paths: list[str], top_k: int, batch_size: int,
-                  skipped: list[tuple[str, str]]) -> list[Any]:
+                  skipped: list[tuple[str, str]], int8: bool | None = None) -> list[Any]:
     from .data import Preprocess, normalize, stream_decoded
-    from .export import OnnxPredictor
+    from .export import open_export
     from .run import Prediction
 
-    predictor = OnnxPredictor(export_dir)
+    predictor = open_export(export_dir, int8=int8)
     pp = Preprocess.from_pretrained(export_dir)
     out = []
     for batch, batch_paths, report in stream_decoded(paths, pp, batch_size):
@@ -322,16 +337,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import MODEL_FILE, export_onnx
-    from .run import load
+    from .export import INT8_MODEL_FILE, MODEL_FILE, OPENVINO_MODEL_FILE, export_run
     from .rundir import check_destination
 
-    check_destination(args.out_dir, args.run_dir, args.overwrite, kind_file=MODEL_FILE)  # never the run itself
-    run = load(args.run_dir, device="cpu", merge=True)
-    report = export_onnx(run.model, args.out_dir, run.settings["processor"], overwrite=args.overwrite)
-    print(f"wrote {report.path}: {report.n_labels} labels, opset {report.opset}; verified against PyTorch at "
-          f"batch sizes {report.batch_sizes_checked} (top-1 agree: {report.top1_agree}, "
-          f"max prob diff {report.max_abs_prob_diff:.1e})")
+    kind = OPENVINO_MODEL_FILE if args.format == "openvino" else INT8_MODEL_FILE if args.int8 else MODEL_FILE
+    check_destination(args.out_dir, args.run_dir, args.overwrite, kind_file=kind)  # never the run itself
+    report = export_run(args.run_dir, args.out_dir, args.format, int8=args.int8, overwrite=args.overwrite,
+                        verify_paths=args.verify_images)
+    print(report.describe())
     return 0
 
 
