@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,22 @@ def test_heat_follows_the_pasted_object_on_deit():
             assert inside > 0.8, (explained, inside)
             assert x < cx < x + 150 and y < cy < y + 120
     assert not torch.is_grad_enabled() or all(p.grad is None for p in model.parameters())
+
+
+def test_predict_explain_through_the_cli(tiny_run: Path, colour_folder: Path, tmp_path: Path):
+    """`vitlora predict RUN IMAGES --explain DIR --json`: one overlay per photo, named in its row, photo-sized."""
+    from PIL import Image
+
+    from vitlora.cli import main
+
+    rows_file, why = tmp_path / "rows.json", tmp_path / "why"
+    photos = sorted((colour_folder / "red").iterdir())[:3]
+    assert main(["predict", str(tiny_run), *map(str, photos), "--explain", str(why), "--json", str(rows_file)]) == 0
+    rows = json.loads(rows_file.read_text())
+    assert len(rows) == 3
+    for row in rows:
+        overlay = Path(row["explanation"])
+        assert overlay.parent == why and overlay.is_file()
+        with Image.open(row["path"]) as photo, Image.open(overlay) as heat:
+            assert heat.size == photo.size
+    assert main(["predict", str(tiny_run), str(photos[0]), "--onnx", str(tmp_path), "--explain", str(why)]) == 2

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--onnx", metavar="EXPORT_DIR",
                    help="predict with an export folder (ONNX, int8 ONNX or OpenVINO) instead of PyTorch")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write per image a PNG heat map (Grad-CAM, the photo's size) of where the model "
+                        "looked for its top-1 label into DIR; --json rows name it as \"explanation\"")
     p.add_argument("--int8", action="store_true",
                    help="with --onnx: use the folder's int8 model; if EXPORT_DIR does not exist, export RUN_DIR "
                         "there as int8 first (verified on the run's training photos)")
@@ -194,6 +197,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise VitloraError("--batch-size and --top-k must be at least 1")
     paths = expand_image_paths(args.paths)
     skipped: list[tuple[str, str]] = []
+    if args.explain and args.onnx:
+        raise VitloraError("--explain needs the PyTorch run (RUN_DIR), not --onnx")
     if args.int8 and not args.onnx:
         raise VitloraError("--int8 needs --onnx EXPORT_DIR: the folder holding the int8 model, or where to export it")
     if args.onnx:
@@ -208,6 +213,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictions = predict_files(args.run_dir, paths, device=args.device, precision=args.precision,
                                     top_k=args.top_k, batch_size=args.batch_size, skipped=skipped)
     rows = [p.to_dict() for p in predictions]
+    if args.explain:
+        _add_explanations(args, rows)
     if args.json:
         from .rundir import write_json_atomic
 
@@ -226,6 +233,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"warning: skipped {len(skipped)} of {len(paths)} files that could not be read: {shown}",
               file=sys.stderr)
     return 0 if rows else 2
+
+
+def _add_explanations(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Write one overlay per predicted image (explaining the top-1 it reported) and name it in its row."""
+    from .explain import explain_files
+    from .run import load
+
+    run = load(args.run_dir, device=args.device, precision="fp32")
+    overlays = explain_files(run, [row["path"] for row in rows], args.explain,
+                             labels={row["path"]: row["top_k"][0]["label"] for row in rows})
+    for row in rows:
+        row["explanation"] = overlays.get(row["path"])
+    print(f"wrote {len(overlays)} explanations to {shown_path(args.explain)}")
 
 
 def shown_path(path: str) -> str:

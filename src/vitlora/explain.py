@@ -143,7 +143,7 @@ def overlay_png(photo: Image.Image, heat: np.ndarray) -> bytes:
 
 def write_overlay(path: str | Path, photo: Image.Image, heat: np.ndarray) -> Path:
     """Write the overlay PNG atomically (a crash never leaves half a file)."""
-    from .artifacts import write_bytes_atomic
+    from .rundir import write_bytes_atomic
 
     write_bytes_atomic(path, overlay_png(photo, heat))
     return Path(path)
