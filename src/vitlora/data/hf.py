@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from ..errors import VitloraError
-from ..modeling import hub_reachable  # its home may move (issue 9): one probe for models and data sets
+from ..hub import hub_unreachable_reason  # the one hub probe, shared with model loading
 from .samples import DataSource, Sample
 
 _SPLIT_RE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<a>-?\d+%?)?:(?P<b>-?\d+%?)?\])?$")
@@ -160,3 +160,8 @@ def discover_hf(spec: str, label: str | None) -> DataSource:
         raise VitloraError(f"no images found in {spec}")
     labels = sorted(set(names)) if names is not None else sorted({s.label for s in samples if s.label})
     return DataSource(samples, "hf", name, labels, 0)
+
+
+def hub_reachable() -> bool:
+    """True when the hub answers the shared probe (a module-level name so tests can stand in for it)."""
+    return hub_unreachable_reason() is None
