@@ -22,9 +22,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from vitlora.errors import VitloraError
-from vitlora.serve.app import Adapter, ApiError, create_app, decode_image
+from vitlora.serve.app import Adapter, ApiError, Limits, create_app, decode_image
 
-__all__ = ["Adapter", "ApiError", "create_app", "decode_image", "load_adapters", "running_server", "serve"]
+__all__ = [
+    "Adapter", "ApiError", "Limits", "check_port", "create_app", "decode_image", "load_adapters",
+    "running_server", "serve",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +47,15 @@ log = logging.getLogger(__name__)
 
 #: Seconds uvicorn waits for in-flight requests on Ctrl-C before cutting them off.
 GRACEFUL_SHUTDOWN_S = 10
+#: Seconds an idle keep-alive connection stays open (a stalled upload is cut by the app's read timeout).
+KEEP_ALIVE_S = 5
+
+
+def check_port(port: object) -> int:
+    """The port as an int in 1..65535, or a one-line VitloraError (not uvicorn's OverflowError)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise VitloraError(f"--port must be between 1 and 65535, got {port}")
+    return port
 
 
 def _is_loopback(host: str) -> bool:
@@ -61,11 +73,13 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_opt
     Warns when listening beyond loopback without a token, because anyone on
     the network could then use (and load) the model.
     """
+    port = check_port(port)
     if not _is_loopback(host) and not getattr(app.state, "token_required", True):
         log.warning("serving on %s without --token: anyone who can reach this port can use it", host)
     options: dict[str, Any] = {
         "log_level": "info",
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "timeout_keep_alive": KEEP_ALIVE_S,
         "server_header": False,
     }
     options.update(uvicorn_options)
@@ -81,7 +95,9 @@ def running_server(
     ``port=0`` lets the OS pick a free port, so parallel runs never collide.
     The server is always stopped (graceful, then joined) when the block exits.
     """
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="vitlora-test-server", daemon=True)
     thread.start()
