@@ -97,7 +97,7 @@ def _batch_groups(by_name: dict[str, Adapter]) -> dict[str, tuple[object, MixedP
     for name, adapter in by_name.items():
         group = getattr(adapter, "batch_group", None)
         if group is not None and callable(getattr(group, "predict_mixed", None)):
-            groups[name] = (group, group.predict_mixed)
+            groups[name] = (id(group), group.predict_mixed)  # groups need not be hashable
         else:
             groups[name] = (name, single(adapter.predict))
     return groups
