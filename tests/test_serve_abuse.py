@@ -119,7 +119,7 @@ def test_burst_of_big_images_keeps_memory_bounded(server_process, big_png: bytes
 def tight() -> Iterator[tuple[str, ColourAdapter]]:
     adapter = ColourAdapter("rgb", RGB)
     app = create_app([adapter], max_queue=2, read_timeout_s=1.0)
-    with running_server(app) as url:
+    with running_server(app, header_timeout_s=1.0) as url:
         yield url, adapter
 
 
@@ -141,6 +141,15 @@ def test_stalled_upload_is_cut_off_and_closed(tight) -> None:
         sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"\0" * 10)
         reply = _read_until_closed(sock)  # returns only because the server closed the connection
     assert reply.startswith(b"HTTP/1.1 408") and b"not received within 1 s" in reply
+
+
+@pytest.mark.parametrize("partial", [b"", b"GET /hea", b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n"])
+def test_headers_never_finished_are_cut_off(tight, partial: bytes) -> None:
+    url, _ = tight
+    with _connect(url) as sock:
+        sock.sendall(partial)
+        assert _read_until_closed(sock) == b""  # closed by the server's header deadline, nothing answered
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
 
 
 def test_idle_keep_alive_connection_is_closed(tight) -> None:

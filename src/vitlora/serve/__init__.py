@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vitlora.errors import VitloraError
 from vitlora.serve.app import Adapter, ApiError, Limits, create_app, decode_image
@@ -51,6 +52,38 @@ GRACEFUL_SHUTDOWN_S = 10
 KEEP_ALIVE_S = 5
 
 
+#: Seconds a connection may take to send a request's headers (uvicorn itself never times this out).
+HEADER_TIMEOUT_S = 10.0
+
+
+def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection that does not finish its request headers in time.
+
+    Without it a client that connects and sends a header byte now and then
+    holds a connection forever (slowloris). The body has its own deadline in
+    the app (``read_timeout_s``); idle keep-alive connections have uvicorn's.
+    """
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            waiting_after = self.cycle  # a new request replaces self.cycle before the timer fires
+            self.loop.call_later(seconds, self._header_deadline, waiting_after)
+
+        def _header_deadline(self, waiting_after: object) -> None:
+            if self.cycle is waiting_after and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
+
+
 def check_port(port: object) -> int:
     """The port as an int in 1..65535, or a one-line VitloraError (not uvicorn's OverflowError)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -80,6 +113,7 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_opt
         "log_level": "info",
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
         "timeout_keep_alive": KEEP_ALIVE_S,
+        "http": header_timeout_protocol(HEADER_TIMEOUT_S),
         "server_header": False,
     }
     options.update(uvicorn_options)
@@ -88,7 +122,11 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_opt
 
 @contextlib.contextmanager
 def running_server(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 20.0,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
 ) -> Iterator[str]:
     """Run ``app`` on a background thread for tests and benchmarks; yields its base URL.
 
@@ -96,7 +134,8 @@ def running_server(
     The server is always stopped (graceful, then joined) when the block exits.
     """
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S
+        app, host=host, port=port, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S,
+        http=header_timeout_protocol(header_timeout_s),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="vitlora-test-server", daemon=True)
