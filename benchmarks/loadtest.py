@@ -212,6 +212,19 @@ async def drive(port: int, requests: list[tuple[bytes, str]], args: argparse.Nam
     return result
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (Linux /proc; NaN elsewhere).
+
+    On a shared machine wall-clock throughput mostly measures the neighbours;
+    server CPU seconds per request measures the server.
+    """
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -260,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         check = not args.run
         warm = asyncio.run(drive(port, requests, args, args.warmup, check)) if args.warmup else Result()
         calls.value = images.value = 0
+        cpu_before = cpu_seconds(server.pid)
         result = asyncio.run(drive(port, requests, args, args.requests, check))
+        server_cpu = cpu_seconds(server.pid) - cpu_before
     finally:
         server.terminate()  # SIGTERM: uvicorn shuts down gracefully
         server.join(15)
@@ -281,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         f" {'spread over ' + str(len(targets)) if args.spread else 'all to 1'} of {len(names)} adapters"
     )
     print(f"throughput  : {len(lat) / result.wall_s:.1f} requests/s over {result.wall_s:.2f} s")
+    print(f"server cpu  : {server_cpu:.1f} s, {1000 * server_cpu / max(1, len(lat)):.1f} ms per request"
+          f" ({len(lat) / server_cpu if server_cpu > 0 else float('nan'):.1f} requests per CPU-second)")
     worst = 1000 * lat[-1] if lat else float("nan")
     print(f"latency     : p50 {ms[0]:.1f} ms, p90 {ms[1]:.1f} ms, p99 {ms[2]:.1f} ms, max {worst:.1f} ms")
     if not args.run and calls.value:

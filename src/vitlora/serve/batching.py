@@ -87,11 +87,6 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    @property
-    def pending(self) -> int:
-        """Images waiting for the model (the queue that 503s bound)."""
-        return len(self._pending)
-
     async def submit(self, image: Image.Image, top_k: int, adapter: str = "") -> Prediction:
         """Queue one image for ``adapter`` and wait for its top-k; raises PredictionFailed / BatcherClosed."""
         if self._closed:
@@ -242,11 +237,6 @@ class BatchPool:
     async def submit(self, adapter: str, image: Image.Image, top_k: int) -> Prediction:
         """Queue ``image`` for ``adapter`` in its group's batcher."""
         return await self.batchers[adapter].submit(image, top_k, adapter)
-
-    @property
-    def pending(self) -> int:
-        """Images waiting for the model, all groups together."""
-        return sum(b.pending for b in self._unique)
 
     async def aclose(self) -> None:
         """Drain every adapter's queue, then stop the inference thread."""

@@ -61,7 +61,7 @@ class Limits:
     max_pixels: int = 40_000_000  # 120 MB as RGB; Pillow's own bomb limit is ~179 Mpx
     max_decodes: int = 2
     max_queue: int = 64
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = 60.0  # the whole body; 10 MB needs ~1.4 Mbit/s
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
