@@ -79,6 +79,7 @@ def test_mixed_batch_equals_single_adapter_runs(two_runs, colour_folder):
     with torch.inference_mode():  # the two LoRAs really differ, so a row given the wrong one would show
         feats = [group.model(pixel_values=x, adapter_names=[n, n]).logits for n in ("colours", "raccoon")]
     assert (feats[0] - feats[1]).abs().max() > 1e-4
+    assert group.stacked == {"colours": 0, "raccoon": 1}  # mixed batches take the stacked-LoRA path
     runs = {name: vitlora.load(run, precision="fp32") for name, run in zip(["colours", "raccoon"], two_runs)}
     by_name = {a.name: a for a in adapters}
     for image, name, got in zip(images, names, mixed):
