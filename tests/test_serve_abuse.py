@@ -46,12 +46,19 @@ def big_jpeg() -> bytes:
     return solid("green", 9000, "JPEG")
 
 
-def test_decode_bounds(big_png: bytes, big_jpeg: bytes) -> None:
+def test_decode_bounds(big_png: bytes, big_jpeg: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import PngImagePlugin
+
     from vitlora.serve import ApiError
 
+    loads: list[str] = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda im: loads.append("png") or real_load(im))
     with pytest.raises(ApiError) as refused:
         decode_image(big_png, DEFAULT_CAP)
     assert refused.value.status == 413 and "9000x9000" in refused.value.message
+    assert loads == []  # refused from the header: not one pixel decoded (PNG's getexif would decode them all)
+    monkeypatch.undo()
     jpeg = decode_image(big_jpeg, DEFAULT_CAP)  # 81 Mpx on disk, decoded at 1/8 scale
     assert max(jpeg.size) < 1100 and jpeg.getpixel((5, 5))[1] > 150
     png = decode_image(solid("blue", 3000, "PNG"), DEFAULT_CAP)  # under the cap: decoded, then shrunk

@@ -145,12 +145,10 @@ def load_rgb(
     decodes without it. ``max_pixels`` caps the pixels actually decoded (after
     the draft scale, so a big JPEG may pass where a big PNG is refused).
     """
-    if isinstance(src, PIL.Image.Image):
-        im = src
-        _check_pixels(*im.size)
-    else:
-        im = _open(src)
-        _check_pixels(*im.size)
+    im = src if isinstance(src, PIL.Image.Image) else _open(src)
+    _check_pixels(*im.size)
+    if draft is None or im.format != "JPEG":  # before getexif, which decodes a whole PNG to find EXIF
+        _check_pixels(*im.size, max_pixels)
     orientation = _orientation(im)
     try:
         if draft is not None and im.format == "JPEG":
