@@ -9,6 +9,13 @@ Exits 1 on any error (non-200 or, with the fake adapter, a wrong label).
     python benchmarks/loadtest.py                      # fake adapter, 2000 requests, 32 clients
     python benchmarks/loadtest.py --requests 500 --concurrency 8 --max-batch 1   # batching off
     python benchmarks/loadtest.py --run runs/beans runs/food   # real adapters (needs load_adapters)
+    python benchmarks/loadtest.py --run runs/beans --copies 16 --spread   # 16 adapters, requests spread
+
+``--spread`` sends request i to adapter i mod A (A = every adapter served);
+without it every request goes to the default adapter. ``--copies N`` serves
+each run directory (or the fake adapter) N times under distinct names: with
+real runs these are N separate peft adapters, each with its own LoRA modules
+and head (same weights, same cost as N different runs).
 
 The fake adapter sleeps ``--batch-ms + --image-ms * batch_size`` per predict
 call to mimic a forward pass (sleep releases the GIL, as torch kernels do),
@@ -36,8 +43,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 class FakeAdapter:
     """Labels an image by its mean colour; costs a simulated forward pass per batch."""
 
-    def __init__(self, batch_ms: float, image_ms: float, calls: Any, images: Any) -> None:
-        self.name = "fake"
+    def __init__(self, batch_ms: float, image_ms: float, calls: Any, images: Any, name: str = "fake") -> None:
+        self.name = name
         self.base_model = "fake/vit"
         self.labels = list(COLOURS)
         self.metrics = {"val_accuracy": 1.0}
@@ -78,9 +85,11 @@ def run_server(args: argparse.Namespace, ready: Any, calls: Any, images: Any) ->
 
     try:
         if args.run:
-            adapters = load_real_adapters(args.run)
+            adapters = load_real_adapters([run for run in args.run for _ in range(args.copies)])
         else:
-            adapters = [FakeAdapter(args.batch_ms, args.image_ms, calls, images)]
+            adapters = [
+                FakeAdapter(args.batch_ms, args.image_ms, calls, images, f"fake-{i}") for i in range(args.copies)
+            ]
         app = create_app(adapters, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     except VitloraError as exc:  # a user mistake (bad run dir): the message says it all
         ready.put(f"error: {exc}")
@@ -94,7 +103,8 @@ def run_server(args: argparse.Namespace, ready: Any, calls: Any, images: Any) ->
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
-        ready.put(server.servers[0].sockets[0].getsockname()[1] if server.started else "error: no start")
+        names = [a.name for a in adapters]
+        ready.put((server.servers[0].sockets[0].getsockname()[1], names) if server.started else "error: no start")
         await serving
 
     asyncio.run(main())
@@ -152,19 +162,25 @@ class Connection:
             self.writer = None
 
 
-async def drive(port: int, bodies: list[tuple[bytes, str]], args: argparse.Namespace, n: int, check: bool) -> Result:
+def build_requests(
+    port: int, bodies: list[tuple[bytes, str]], names: list[str], fmt: str
+) -> list[tuple[bytes, str]]:
+    """Raw HTTP requests; request i goes to adapter i mod A with image i mod B."""
+    content_type = "image/png" if fmt == "PNG" else "image/jpeg"
+    out = []
+    for i in range(len(names) * len(bodies)):
+        name, (body, label) = names[i % len(names)], bodies[i % len(bodies)]
+        head = (
+            f"POST /v1/predict?adapter={name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        out.append((head.encode() + body, label))
+    return out
+
+
+async def drive(port: int, requests: list[tuple[bytes, str]], args: argparse.Namespace, n: int, check: bool) -> Result:
     result = Result()
     todo = iter(range(n))
-    content_type = "image/png" if args.format == "PNG" else "image/jpeg"
-    requests = [
-        (
-            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body,
-            label,
-        )
-        for body, label in bodies
-    ]
 
     async def client() -> None:
         conn = Connection(port)
@@ -196,6 +212,19 @@ async def drive(port: int, bodies: list[tuple[bytes, str]], args: argparse.Names
     return result
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (Linux /proc; NaN elsewhere).
+
+    On a shared machine wall-clock throughput mostly measures the neighbours;
+    server CPU seconds per request measures the server.
+    """
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -208,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
     p.add_argument("--warmup", type=int, default=64, help="untimed requests first (default 64)")
     p.add_argument("--run", nargs="+", metavar="RUN_DIR", help="serve these run directories instead of the fake")
+    p.add_argument("--copies", type=int, default=1, help="serve each run (or the fake) this many times")
+    p.add_argument("--spread", action="store_true", help="spread requests evenly over every adapter")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--batch-ms", type=float, default=5.0, help="fake adapter: fixed cost per predict call")
@@ -220,8 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1:
-        raise SystemExit("--requests and --concurrency must be >= 1")
+    if args.requests < 1 or args.concurrency < 1 or args.copies < 1:
+        raise SystemExit("--requests, --concurrency and --copies must be >= 1")
     if args.run:  # fail here, before spawning, if the model side is not wired yet
         import vitlora.serve
 
@@ -232,15 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     server = ctx.Process(target=run_server, args=(args, ready, calls, images), daemon=True)
     server.start()
     try:
-        port = ready.get(timeout=300 if args.run else 60)
-        if not isinstance(port, int):
-            print(f"server failed to start: {port}", file=sys.stderr)
+        started = ready.get(timeout=300 if args.run else 60)
+        if not isinstance(started, tuple):
+            print(f"server failed to start: {started}", file=sys.stderr)
             return 1
-        bodies = make_bodies(args.image_size, args.format)
+        port, names = started
+        targets = names if args.spread else names[:1]
+        requests = build_requests(port, make_bodies(args.image_size, args.format), targets, args.format)
         check = not args.run
-        warm = asyncio.run(drive(port, bodies, args, args.warmup, check)) if args.warmup else Result()
+        warm = asyncio.run(drive(port, requests, args, args.warmup, check)) if args.warmup else Result()
         calls.value = images.value = 0
-        result = asyncio.run(drive(port, bodies, args, args.requests, check))
+        cpu_before = cpu_seconds(server.pid)
+        result = asyncio.run(drive(port, requests, args, args.requests, check))
+        server_cpu = cpu_seconds(server.pid) - cpu_before
     finally:
         server.terminate()  # SIGTERM: uvicorn shuts down gracefully
         server.join(15)
@@ -257,9 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"load        : {args.requests} requests, {args.concurrency} concurrent clients,"
-        f" {args.image_size}px {args.format}, {args.warmup} warm-up"
+        f" {args.image_size}px {args.format}, {args.warmup} warm-up,"
+        f" {'spread over ' + str(len(targets)) if args.spread else 'all to 1'} of {len(names)} adapters"
     )
     print(f"throughput  : {len(lat) / result.wall_s:.1f} requests/s over {result.wall_s:.2f} s")
+    print(f"server cpu  : {server_cpu:.1f} s, {1000 * server_cpu / max(1, len(lat)):.1f} ms per request"
+          f" ({len(lat) / server_cpu if server_cpu > 0 else float('nan'):.1f} requests per CPU-second)")
     worst = 1000 * lat[-1] if lat else float("nan")
     print(f"latency     : p50 {ms[0]:.1f} ms, p90 {ms[1]:.1f} ms, p99 {ms[2]:.1f} ms, max {worst:.1f} ms")
     if not args.run and calls.value:

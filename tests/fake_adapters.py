@@ -66,3 +66,22 @@ class ColourAdapter:
             return results
         finally:
             self._busy.release()
+
+
+class ColourGroup:
+    """Fake batch group: adapters on one 'base' answered in one call, each row by its own adapter."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.members: dict[str, ColourAdapter] = {}
+        self.calls: list[list[str]] = []
+        self.delay_s = delay_s
+
+    def add(self, adapter: ColourAdapter) -> ColourAdapter:
+        self.members[adapter.name] = adapter
+        adapter.batch_group = self  # type: ignore[attr-defined]
+        return adapter
+
+    def predict_mixed(self, images: list[Image.Image], names: list[str], top_k: int) -> list[list[tuple[str, float]]]:
+        self.calls.append(list(names))
+        time.sleep(self.delay_s)
+        return [self.members[n].scores(im)[:top_k] for im, n in zip(images, names)]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vitlora.errors import VitloraError
 from vitlora.serve import create_app, running_server
-from vitlora.serve.batching import Batcher, BatcherClosed, PredictionFailed
+from vitlora.serve.batching import Batcher, BatcherClosed, PredictionFailed, single
 
 from fake_adapters import PALETTE, ColourAdapter
 
@@ -330,7 +330,7 @@ def test_batcher_groups_and_splits() -> None:
 
     async def run() -> list[list[tuple[str, float]]]:
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher("unit", adapter.predict, pool, max_batch=4, max_wait_ms=50)
+            batcher = Batcher("unit", single(adapter.predict), pool, max_batch=4, max_wait_ms=50)
             colours = [RGB[i % 3] for i in range(10)]
             images = [Image.new("RGB", (8, 8), PALETTE[c]) for c in colours]
             results = await asyncio.gather(*(batcher.submit(im, 1 + i % 3) for i, im in enumerate(images)))
@@ -350,7 +350,7 @@ def test_batcher_isolates_a_poisoned_image() -> None:
 
     async def run() -> list[Any]:
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher("unit", adapter.predict, pool, max_batch=8, max_wait_ms=20)
+            batcher = Batcher("unit", single(adapter.predict), pool, max_batch=8, max_wait_ms=20)
             images = [Image.new("RGB", (8, 8), PALETTE[c]) for c in ["red", "black", "blue"]]
             out = await asyncio.gather(*(batcher.submit(im, 1) for im in images), return_exceptions=True)
             await batcher.aclose()

@@ -301,3 +301,16 @@ def test_token_field_and_error_display(browser: Browser, images: Callable[[str],
         page.js("window.beforeReload = true; location.reload()")
         page.wait_for("!window.beforeReload && document.querySelectorAll('#adapter option').length === 1")
         assert page.js("document.querySelector('#token').value") == "s3cret"
+
+
+def test_docs_page_renders_offline(browser: Browser) -> None:
+    """Swagger UI draws the API from this server's own assets; nothing is fetched from a CDN."""
+    with running_server(create_app([ColourAdapter("rgb", ["red", "green", "blue"])])) as url:
+        browser.events.clear()
+        page = browser.open(url + "/docs")
+        title = page.wait_for("document.querySelector('.swagger-ui .info .title')?.textContent")
+        assert "vitlora serve" in title
+        page.wait_for("document.querySelectorAll('.opblock').length > 3")
+        paths = page.js("[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent)")
+        assert any("/v1/predict" in p for p in paths) and any("/v2/models/{model}/infer" in p for p in paths)
+        assert_no_page_problems(browser, url)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
+import json
+import shutil
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from PIL import Image
 
 import vitlora
 from vitlora.cli import main
+from vitlora.errors import VitloraError
 from vitlora.serve import create_app, load_adapters, running_server
 
 
@@ -28,7 +34,7 @@ def two_runs(tiny_model, colour_folder, red_folder, tmp_path_factory) -> list[Pa
 def test_one_base_many_heads_same_predictions_as_each_run(two_runs, colour_folder):
     adapters = load_adapters(two_runs, device="cpu")
     assert [a.name for a in adapters] == ["colours", "raccoon"]
-    assert adapters[0]._base is adapters[1]._base  # the base model is loaded once
+    assert adapters[0].batch_group is adapters[1].batch_group  # the base model is loaded once
     images = [Image.open(p) for p in sorted((colour_folder / "green").iterdir())[:4]]
     for adapter, run_dir in zip(adapters, two_runs):
         expected = vitlora.load(run_dir).predict(images, top_k=3)
@@ -55,3 +61,82 @@ def test_http_predict_picks_adapter(two_runs, colour_folder):
         expected = vitlora.load(two_runs[1]).predict([Image.open(io.BytesIO(body))], top_k=5)[0].top_k
         assert [s["label"] for s in second["top_k"]] == [lab for lab, _ in expected]
         assert httpx.post(f"{url}/v1/predict?adapter=nope", content=body).status_code == 404
+
+
+def _colour_images(colour_folder: Path, n: int = 6) -> list[Image.Image]:
+    paths = [p for c in ("red", "green", "blue") for p in sorted((colour_folder / c).iterdir())[:2]]
+    return [Image.open(p) for p in paths[:n]]
+
+
+def test_mixed_batch_equals_single_adapter_runs(two_runs, colour_folder):
+    """One forward pass over rows of both adapters = each row run alone through its own adapter (fp32)."""
+    adapters = load_adapters(two_runs, device="cpu")
+    group = adapters[0].batch_group
+    images = _colour_images(colour_folder)
+    names = ["colours", "raccoon", "raccoon", "colours", "raccoon", "colours"]
+    mixed = group.predict_mixed(images, names, top_k=3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():  # the two LoRAs really differ, so a row given the wrong one would show
+        feats = [group.model(pixel_values=x, adapter_names=[n, n]).logits for n in ("colours", "raccoon")]
+    assert (feats[0] - feats[1]).abs().max() > 1e-4
+    assert group.stacked == {"colours": 0, "raccoon": 1}  # mixed batches take the stacked-LoRA path
+    runs = {name: vitlora.load(run, precision="fp32") for name, run in zip(["colours", "raccoon"], two_runs)}
+    by_name = {a.name: a for a in adapters}
+    for image, name, got in zip(images, names, mixed):
+        alone = runs[name].predict([image], top_k=3)[0].top_k  # the run loaded on its own, merged
+        assert [lab for lab, _ in got] == [lab for lab, _ in alone]
+        assert max(abs(g[1] - a[1]) for g, a in zip(got, alone)) < 1e-5
+        assert by_name[name].predict([image], top_k=3)[0] == got or all(
+            abs(x[1] - y[1]) < 1e-6 for x, y in zip(by_name[name].predict([image], top_k=3)[0], got))
+
+
+def test_http_mixed_requests_and_v2_agree_with_direct(two_runs, colour_folder, tiny_model):
+    adapters = load_adapters(two_runs, device="cpu")
+    app = create_app(adapters, max_wait_ms=50)
+    bodies = [p.read_bytes() for c in ("red", "green", "blue") for p in sorted((colour_folder / c).iterdir())[:2]]
+    names = ["colours", "raccoon"] * 3
+    expected = {
+        (i, n): vitlora.load(run).predict([Image.open(io.BytesIO(bodies[i]))], top_k=3)[0].top_k
+        for i in range(6) for n, run in zip(["colours", "raccoon"], two_runs)
+    }
+
+    async def concurrently(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            return await asyncio.gather(*(
+                c.post(f"/v1/predict?adapter={n}&top_k=3", content=b) for n, b in zip(names, bodies)))
+
+    with running_server(app) as url:
+        responses = asyncio.run(concurrently(url))
+        for i, (name, r) in enumerate(zip(names, responses)):
+            assert r.status_code == 200 and r.json()["adapter"] == name
+            assert [s["label"] for s in r.json()["top_k"]] == [lab for lab, _ in expected[(i, name)]]
+        request = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                               "data": [base64.b64encode(b).decode() for b in bodies[:2]]}],
+                   "parameters": {"top_k": 3}}
+        v2 = httpx.post(f"{url}/v2/models/raccoon/infer", json=request, timeout=30).json()
+        assert v2["outputs"][0]["shape"] == [2, 3]
+        assert v2["outputs"][0]["data"][:3] == [lab for lab, _ in expected[(0, "raccoon")]]
+        served = httpx.get(f"{url}/v1/adapters").text + httpx.get(f"{url}/v2/models/colours").text
+    assert str(tiny_model) not in served and str(two_runs[0].parent) not in served  # no local paths
+    assert json.loads(served.split("]")[0] + "]")[0]["base_model"] == tiny_model.name
+
+
+def test_run_with_labels_that_do_not_fit_its_head_is_refused(two_runs, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(two_runs[0], broken)
+    labels = json.loads((broken / "labels.json").read_text())
+    labels["id2label"] = {"0": "only-one"}
+    labels["label2id"] = {"only-one": 0}
+    (broken / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(VitloraError, match="labels.json names 1 labels but the trained head has 3 outputs"):
+        load_adapters([two_runs[1], broken], device="cpu")
+    assert main(["serve", str(broken), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "labels.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_serve_bad_port_is_one_line_error(two_runs, port, capsys):
+    assert main(["serve", str(two_runs[0]), "--device", "cpu", "--port", port]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"vitlora serve: error: --port must be between 1 and 65535, got {port}"

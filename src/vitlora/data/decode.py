@@ -50,9 +50,14 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 ImageSource = Any  # str path | bytes | PIL.Image.Image | {"bytes": ..., "path": ...}
 
 
-def _check_pixels(width: int, height: int) -> None:
-    """Refuse decompression bombs from the header alone, before any pixel is decoded."""
+def _check_pixels(width: int, height: int, max_pixels: int | None = None) -> None:
+    """Refuse decompression bombs from the header alone, before any pixel is decoded.
+
+    ``max_pixels`` lowers Pillow's limit (a server decoding many uploads at once).
+    """
     limit = PIL.Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        limit = max_pixels if limit is None else min(limit, max_pixels)
     if limit is not None and width * height > limit:
         raise BadImageError(f"too large: {width}x{height} pixels (limit {int(limit)})")
 
@@ -128,7 +133,9 @@ def to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(src: ImageSource, draft: tuple[int, int] | None = None) -> PIL.Image.Image:
+def load_rgb(
+    src: ImageSource, draft: tuple[int, int] | None = None, max_pixels: int | None = None
+) -> PIL.Image.Image:
     """Decode ``src`` (path, bytes, PIL image or HF ``{"bytes", "path"}`` dict) to an upright RGB image.
 
     ``draft=(w, h)`` is the size the caller will resize to. For a JPEG at least
@@ -138,14 +145,13 @@ def load_rgb(src: ImageSource, draft: tuple[int, int] | None = None) -> PIL.Imag
     not bit-identical to a full decode followed by the resize: after the final
     resize to 224x224 pixels typically differ by a few levels out of 255
     (see the tests), which is harmless for training but is why ``predict``
-    decodes without it.
+    decodes without it. ``max_pixels`` caps the pixels actually decoded (after
+    the draft scale, so a big JPEG may pass where a big PNG is refused).
     """
-    if isinstance(src, PIL.Image.Image):
-        im = src
-        _check_pixels(*im.size)
-    else:
-        im = _open(src)
-        _check_pixels(*im.size)
+    im = src if isinstance(src, PIL.Image.Image) else _open(src)
+    _check_pixels(*im.size)
+    if draft is None or im.format != "JPEG":  # before getexif, which decodes a whole PNG to find EXIF
+        _check_pixels(*im.size, max_pixels)
     orientation = _orientation(im)
     try:
         if draft is not None and im.format == "JPEG":
@@ -154,6 +160,7 @@ def load_rgb(src: ImageSource, draft: tuple[int, int] | None = None) -> PIL.Imag
                 w, h = h, w
             if im.width >= 2 * w and im.height >= 2 * h:
                 im.draft("RGB", (2 * w, 2 * h))
+        _check_pixels(*im.size, max_pixels)
         im.load()
         if orientation in _TRANSPOSE:
             im = im.transpose(_TRANSPOSE[orientation])

@@ -2,12 +2,17 @@
 
 Why: a vision transformer forward pass on 16 images costs far less than 16
 passes on one image each, and the model side is only safe to call from one
-thread at a time (several LoRA adapters share one base model, so switching the
-active adapter from two threads at once would mix them up). So every adapter
-gets its own queue, a collector task on the event loop gathers whatever is
-waiting (up to ``max_batch``, lingering at most ``max_wait_ms`` for more), and
-the batch runs on ONE shared inference thread, keeping the event loop free to
-accept uploads while the model works.
+thread at a time (several LoRA adapters share one base model). So every *batch
+group* gets its own queue, a collector task on the event loop gathers whatever
+is waiting (up to ``max_batch``, lingering at most ``max_wait_ms`` for more),
+and the batch runs on ONE shared inference thread, keeping the event loop free
+to accept uploads while the model works.
+
+A batch group is either one adapter, or every adapter on one base model when
+the model side can run them together (an adapter with a ``batch_group``
+attribute: peft's per-sample ``adapter_names``, each row with its own head).
+Then requests spread over 16 adapters still share one forward pass instead of
+16 small ones.
 
 A failing batch is retried one image at a time, so one poisoned image fails
 only its own request, and no exception ever escapes a collector task.
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Prediction = list[tuple[str, float]]
 PredictFn = Callable[[list[Image.Image], int], Sequence[Sequence[tuple[str, float]]]]
+#: ``(images, adapter name per image, top_k) -> ranked labels per image``.
+MixedPredictFn = Callable[[list[Image.Image], list[str], int], Sequence[Sequence[tuple[str, float]]]]
 
 
 class PredictionFailed(VitloraError):
@@ -44,12 +51,13 @@ class BatcherClosed(VitloraError):
 @dataclass
 class _Job:
     image: Image.Image
+    adapter: str
     top_k: int
     future: asyncio.Future[Prediction] = field(repr=False)
 
 
 class Batcher:
-    """Collects concurrent requests for one adapter into batched ``predict`` calls.
+    """Collects concurrent requests for one batch group into batched ``predict`` calls.
 
     The collector task is bound to the event loop of the first ``submit``;
     if the loop changes (a test client that runs each request on a fresh
@@ -59,7 +67,7 @@ class Batcher:
     def __init__(
         self,
         name: str,
-        predict: PredictFn,
+        predict: MixedPredictFn,
         executor: ThreadPoolExecutor,
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
@@ -79,14 +87,14 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    async def submit(self, image: Image.Image, top_k: int) -> Prediction:
-        """Queue one image and wait for its top-k; raises PredictionFailed / BatcherClosed."""
+    async def submit(self, image: Image.Image, top_k: int, adapter: str = "") -> Prediction:
+        """Queue one image for ``adapter`` and wait for its top-k; raises PredictionFailed / BatcherClosed."""
         if self._closed:
             raise BatcherClosed("server is shutting down")
         loop = asyncio.get_running_loop()
         self._ensure_running(loop)
         assert self._wakeup is not None
-        job = _Job(image, top_k, loop.create_future())
+        job = _Job(image, adapter or self.name, top_k, loop.create_future())
         self._pending.append(job)
         self._wakeup.set()
         return await job.future
@@ -145,7 +153,7 @@ class Batcher:
     def _call_predict(self, batch: list[_Job]) -> list[Prediction]:
         """Runs on the inference thread: one predict call with the largest top_k asked."""
         k = max(job.top_k for job in batch)
-        raw = self._predict([job.image for job in batch], k)
+        raw = self._predict([job.image for job in batch], [job.adapter for job in batch], k)
         if len(raw) != len(batch):
             raise RuntimeError(f"predict returned {len(raw)} results for {len(batch)} images")
         out: list[Prediction] = []
@@ -182,16 +190,25 @@ def _fail(job: _Job, exc: BaseException) -> None:
         job.future.set_exception(PredictionFailed(msg[:500]))
 
 
-class BatchPool:
-    """One Batcher per adapter, all sharing one inference thread.
+def single(predict: PredictFn) -> MixedPredictFn:
+    """A one-adapter ``predict`` as a batch group's predict (the names are all the same)."""
+    return lambda images, _names, top_k: predict(images, top_k)
 
-    Created eagerly (cheap: threads start on first use); ``aclose`` shuts the
-    thread down. ``reopen`` exists because one app object may be started and
-    stopped more than once (e.g. several ``with TestClient(app)`` blocks).
+
+class BatchPool:
+    """One Batcher per batch group, all sharing one inference thread.
+
+    ``groups`` maps adapter name -> (group key, predict of that group); adapters
+    with the same key share a queue and a forward pass. Created eagerly (cheap:
+    threads start on first use); ``aclose`` shuts the thread down. ``reopen``
+    exists because one app object may be started and stopped more than once
+    (e.g. several ``with TestClient(app)`` blocks).
     """
 
-    def __init__(self, predictors: dict[str, PredictFn], max_batch: int, max_wait_ms: float) -> None:
-        self._predictors = predictors
+    def __init__(
+        self, groups: dict[str, tuple[object, MixedPredictFn]], max_batch: int, max_wait_ms: float
+    ) -> None:
+        self._groups = groups
         self._max_batch = max_batch
         self._max_wait_ms = max_wait_ms
         self._lock = threading.Lock()
@@ -199,10 +216,13 @@ class BatchPool:
 
     def _build(self) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitlora-infer")
-        self.batchers = {
-            name: Batcher(name, fn, self.executor, self._max_batch, self._max_wait_ms)
-            for name, fn in self._predictors.items()
-        }
+        by_key: dict[object, Batcher] = {}
+        self.batchers: dict[str, Batcher] = {}
+        for name, (key, fn) in self._groups.items():
+            if key not in by_key:
+                by_key[key] = Batcher(name, fn, self.executor, self._max_batch, self._max_wait_ms)
+            self.batchers[name] = by_key[key]
+        self._unique = list(by_key.values())
         self.closed = False
 
     def reopen(self) -> None:
@@ -214,8 +234,12 @@ class BatchPool:
     def __getitem__(self, name: str) -> Batcher:
         return self.batchers[name]
 
+    async def submit(self, adapter: str, image: Image.Image, top_k: int) -> Prediction:
+        """Queue ``image`` for ``adapter`` in its group's batcher."""
+        return await self.batchers[adapter].submit(image, top_k, adapter)
+
     async def aclose(self) -> None:
         """Drain every adapter's queue, then stop the inference thread."""
-        await asyncio.gather(*(b.aclose() for b in self.batchers.values()))
+        await asyncio.gather(*(b.aclose() for b in self._unique))
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown, True)
         self.closed = True
