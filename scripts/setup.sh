@@ -13,5 +13,5 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install -q -e ".[datasets,serve,onnx,test]" 2>&1 | grep -v "is ignored" || true
+python -m pip install -q -e ".[datasets,serve,onnx,openvino,augment,webdataset,tensorboard,mlflow,test]" 2>&1 | grep -v "is ignored" || true
 python -c "import vitlora, torch, transformers, peft; print(f'vitlora {vitlora.__version__}: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 calls")
     p.add_argument("--max-upload-mb", type=float, default=10.0, dest="max_upload_mb")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, dest="max_pixels",
+                   help="refuse images with more decoded pixels (413); big JPEGs are decoded at reduced scale first")
+    p.add_argument("--max-queue", type=int, default=64, dest="max_queue",
+                   help="requests in progress before answering 503 with Retry-After")
+    p.add_argument("--max-decodes", type=int, default=2, dest="max_decodes", help="images decoded at once")
+    p.add_argument("--read-timeout", type=float, default=60.0, dest="read_timeout_s",
+                   help="seconds to receive an upload (408 after)")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("export", help="export the merged model (ONNX, int8 ONNX or OpenVINO), verified against PyTorch")
@@ -346,10 +353,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import create_app, load_adapters, serve
+    from .serve import check_port, create_app, load_adapters, serve
 
+    check_port(args.port)  # before minutes of model loading
     adapters = load_adapters(args.run_dirs, device=args.device)
-    app = create_app(adapters, token=args.token, max_upload_mb=args.max_upload_mb)
+    app = create_app(adapters, token=args.token, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                     max_queue=args.max_queue, max_decodes=args.max_decodes, read_timeout_s=args.read_timeout_s)
     print(f"serving {len(adapters)} adapter(s) ({', '.join(a.name for a in adapters)}) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
     serve(app, host=args.host, port=args.port)
