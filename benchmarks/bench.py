@@ -178,6 +178,18 @@ def tail(path, n=15):
     return "\n".join(lines[-n:])
 
 
+def cpu_probes() -> str | None:
+    """torch's bf16 / AMX probes: what `--precision auto` decides on, so every result says what it ran on."""
+    try:
+        import torch
+
+        bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+        amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+        return f"avx512_bf16={bf16}, amx={amx}, capability {torch.backends.cpu.get_cpu_capability()}"
+    except Exception:  # noqa: BLE001 - a benchmark without torch still reports the rest
+        return None
+
+
 def find_vitlora():
     """Command prefix for the vitlora CLI, or None when it is not installed/usable."""
     cand = os.path.join(os.path.dirname(sys.executable), "vitlora")
@@ -497,7 +509,8 @@ def save_results(result, a, records, stem=None):
         "",
         f"Median of {a.repeats} interleaved repeat(s); lab suite {a.epochs} epochs, guide suite {a.guide_epochs} "
         f"epochs; predict over {a.predict_n} JPEGs; val split {a.val_split}, seed {a.seed}; model `{a.model}`.",
-        f"Machine: {env.get('cpu')}, {env.get('nproc')} CPUs, torch {(env.get('torch') or {}).get('version')}"
+        f"Machine: {env.get('cpu')}, {env.get('nproc')} CPUs ({env.get('cpu_probes') or 'bf16/AMX probes not recorded'}), "
+        f"torch {(env.get('torch') or {}).get('version')}"
         + (f", GPU {(env.get('torch') or {}).get('gpu')}" if a.gpu else "") + ".",
         "",
         result["table_markdown"],
@@ -688,6 +701,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
             "platform": platform.platform(),
             "cpu": cpu,
+            "cpu_probes": cpu_probes(),
             "nproc": os.cpu_count(),
             "torch": torch_info,
             "vitlora_cli": vitlora_status,
