@@ -177,13 +177,12 @@ def public_model_name(model_id: str) -> str:
 
 
 def _new_base(base_id: str, dev: torch.device, meta: dict[str, Any], run: Path) -> _SharedBase:
-    from ..modeling import load_base
-    from ..run import base_fingerprint
+    from ..modeling import base_fingerprint, load_base
     from ..surgery import find_head
 
     model, _ = load_base(base_id)
     expected = meta.get("base_fingerprint")
-    if expected and expected != base_fingerprint(model, exclude_head=True):
+    if expected and expected != base_fingerprint(model):
         raise VitloraError(f"base model {base_id} does not match the adapter in {run}")
     head_name, _ = find_head(model)
     setattr(model, head_name, nn.Identity())  # heads are per run, applied by _SharedBase.logits
