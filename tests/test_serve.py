@@ -107,6 +107,7 @@ def test_adapters_listed_default_first(client: httpx.Client) -> None:
         "num_labels": 8,
         "metrics": {"val_accuracy": 0.97, "epochs": 5},
         "default": False,
+        "explain": False,  # the fakes draw no explanations
     }
 
 
@@ -225,6 +226,13 @@ def test_chunked_body_cut_off_at_limit(server: str, client: httpx.Client) -> Non
     assert client.get("/health").status_code == 200
 
 
+def test_explain_on_an_adapter_that_cannot_is_422(client: httpx.Client) -> None:
+    response = client.post("/v1/predict?explain=true", content=image_bytes("red"))
+    assert_error(client, response, 422, "cannot explain")
+    plain = client.post("/v1/predict?explain=false", content=image_bytes("red")).json()
+    assert plain["explanation"] is None and plain["top_k"][0]["label"] == "red"
+
+
 def test_unknown_route_and_method_are_json(client: httpx.Client) -> None:
     assert_error(client, client.get("/nope"), 404)
     assert_error(client, client.get("/v1/predict"), 405)
@@ -234,7 +242,8 @@ def test_openapi_documents_predict(client: httpx.Client) -> None:
     schema = client.get("/openapi.json").json()
     post = schema["paths"]["/v1/predict"]["post"]
     assert {"multipart/form-data", "image/*"} <= set(post["requestBody"]["content"])
-    assert {p["name"] for p in post["parameters"]} == {"adapter", "top_k"}
+    assert {p["name"] for p in post["parameters"]} == {"adapter", "top_k", "explain"}
+    assert "explanation" in schema["components"]["schemas"]["PredictResponse"]["properties"]
     assert {"200", "400", "404", "413", "415", "422"} <= set(post["responses"])
     assert "/v1/adapters" in schema["paths"] and "/health" in schema["paths"]
     assert client.get("/docs").status_code == 200

@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from vitlora.serve import create_app, running_server
+from vitlora.cli import main
+from vitlora.serve import create_app, load_adapters, running_server
 
 from fake_adapters import PALETTE, ColourAdapter
 
@@ -301,6 +302,46 @@ def test_token_field_and_error_display(browser: Browser, images: Callable[[str],
         page.js("window.beforeReload = true; location.reload()")
         page.wait_for("!window.beforeReload && document.querySelectorAll('#adapter option').length === 1")
         assert page.js("document.querySelector('#token').value") == "s3cret"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model: Path, colour_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny) trained run: only real adapters draw explanations."""
+    out = tmp_path_factory.mktemp("browser-run") / "colours"
+    args = ["train", str(colour_folder), "--model", str(tiny_model), "--out", str(out), "--epochs", "1", "--quiet"]
+    assert main(args) == 0
+    return out
+
+
+OVERLAY_SIZE = (
+    "(() => { const o = document.querySelector('#overlay');"
+    " return !document.querySelector('#explain').hidden && o.complete && o.naturalWidth > 0"
+    " && [o.naturalWidth, o.naturalHeight, o.getBoundingClientRect().width, o.dataset.label]; })()"
+)
+
+
+def test_upload_shows_the_explanation_beside_the_bars(
+    browser: Browser, images: Callable[[str], Path], tiny_run: Path, colour_folder: Path, tmp_path: Path
+) -> None:
+    photo = tmp_path / "wide.png"  # not square, so a wrong aspect would show
+    Image.open(sorted((colour_folder / "green").iterdir())[1]).convert("RGB").resize((300, 200)).save(photo)
+    with running_server(create_app(load_adapters([tiny_run], device="cpu"))) as url:
+        browser.events.clear()
+        page = browser.open(url + "/")
+        page.wait_for("document.querySelectorAll('#adapter option').length === 1")
+        assert page.js("document.querySelector('#explain').hidden") is True
+
+        page.upload(photo)
+        bars = page.wait_for_result("colours")
+        width, height, shown_width, label = page.wait_for(OVERLAY_SIZE)
+        assert width * 200 == height * 300 and shown_width > 0  # the upload's aspect, and laid out
+        assert label == bars[0][0]
+
+        page.upload(images("text"))  # an error clears the previous photo's explanation
+        page.wait_for("document.querySelector('#status').dataset.state === 'error'")
+        assert page.js("document.querySelector('#explain').hidden") is True
+        assert page.js("document.querySelector('#overlay').hasAttribute('src')") is False
+        assert_no_page_problems(browser, url)
 
 
 def test_docs_page_renders_offline(browser: Browser) -> None:

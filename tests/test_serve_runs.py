@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -140,3 +141,85 @@ def test_serve_bad_port_is_one_line_error(two_runs, port, capsys):
     assert main(["serve", str(two_runs[0]), "--device", "cpu", "--port", port]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"vitlora serve: error: --port must be between 1 and 65535, got {port}"
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _overlay(answer: dict) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert answer["explanation"].startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(answer["explanation"][len(prefix):])))
+
+
+def _ranked(answer: dict) -> list[tuple[str, float]]:
+    return [(s["label"], s["score"]) for s in answer["top_k"]]
+
+
+def _max_diff(a: Image.Image, b: Image.Image) -> int:
+    assert a.size == b.size
+    return int(np.abs(np.asarray(a.convert("RGB"), dtype=int) - np.asarray(b.convert("RGB"), dtype=int)).max())
+
+
+def test_http_explain_draws_the_runs_own_gradcam(two_runs, colour_folder):
+    """?explain=true: the top-1's Grad-CAM over the photo, as the run loaded on its own draws it (fp32)."""
+    from vitlora.explain import explain_image, overlay_png
+    from vitlora.serve.upload import decode_image
+
+    photo = Image.open(sorted((colour_folder / "red").iterdir())[1]).convert("RGB")  # 40x36, under the 768 cap
+    small, wide = _png(photo), _png(photo.resize((1200, 600)))
+    with running_server(create_app(load_adapters(two_runs, device="cpu"))) as url:
+        assert [a["explain"] for a in httpx.get(f"{url}/v1/adapters").json()] == [True, True]
+        for name, run_dir in zip(["colours", "raccoon"], two_runs):
+            plain = httpx.post(f"{url}/v1/predict?adapter={name}", content=small, timeout=30).json()
+            got = httpx.post(f"{url}/v1/predict?adapter={name}&explain=true", content=small, timeout=30).json()
+            assert plain["explanation"] is None and got["top_k"] == plain["top_k"]
+            overlay = _overlay(got)
+            assert overlay.format == "PNG" and overlay.size == photo.size
+            run = vitlora.load(run_dir, precision="fp32")
+            heat, _ = explain_image(run, decode_image(small), got["top_k"][0]["label"])
+            expected = Image.open(io.BytesIO(overlay_png(photo, heat)))
+            assert _max_diff(overlay, expected) <= 2  # merged vs. unmerged LoRA: float noise only
+            assert _max_diff(overlay, photo) > 20  # heat was drawn, not just the photo sent back
+        big = _overlay(httpx.post(f"{url}/v1/predict?explain=true", content=wide, timeout=30).json())
+        assert big.format == "PNG" and max(big.size) == 768 and big.width * 600 == big.height * 1200
+
+
+def test_explain_holds_the_batch_lock_and_concurrent_predictions_are_unchanged(two_runs, colour_folder):
+    adapters = load_adapters(two_runs, device="cpu")
+    group = adapters[0].batch_group
+    images = _colour_images(colour_folder)
+    names = ["colours", "raccoon", "raccoon", "colours", "raccoon", "colours"]
+    alone = group.predict_mixed(images, names, top_k=3)
+    locked: list[bool] = []
+    hook = group.heads["raccoon"].register_forward_hook(lambda *_: locked.append(group.lock.locked()))
+    try:
+        adapters[1].explain(images[0], adapters[1].labels[0])
+    finally:
+        hook.remove()
+    assert locked == [True]  # the explain's forward runs under the lock every batch's forward takes
+
+    bodies = [_png(im.convert("RGB")) for im in images]
+    app = create_app(adapters, max_wait_ms=50)
+    with running_server(app) as url:
+        explained = {n: httpx.post(f"{url}/v1/predict?adapter={n}&explain=true", content=bodies[0], timeout=30).json()
+                     for n in ("colours", "raccoon")}
+
+        async def together() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                explains = [c.post(f"/v1/predict?adapter={n}&explain=true", content=bodies[0]) for n in explained]
+                plain = [c.post(f"/v1/predict?adapter={n}&top_k=3", content=b) for n, b in zip(names, bodies)]
+                return await asyncio.gather(*explains, *plain)
+
+        responses = asyncio.run(together())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    pairs = [(_ranked(before), r) for before, r in zip(explained.values(), responses[:2])]
+    for (before, r), first in zip(pairs, explained.values()):
+        assert _max_diff(_overlay(r.json()), _overlay(first)) <= 1
+    for expected, r in [*pairs, *zip(alone, responses[2:])]:  # same answers as alone (batching: float noise)
+        got = _ranked(r.json())
+        assert [lab for lab, _ in got] == [lab for lab, _ in expected[:len(got)]]
+        assert max(abs(g[1] - e[1]) for g, e in zip(got, expected)) < 1e-5

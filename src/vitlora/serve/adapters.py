@@ -16,6 +16,10 @@ a busy 2-core CPU (thread barriers on tiny ops). So, as multi-LoRA servers do
 batch adds ``B[row] @ A[row] @ x`` with two batched matmuls per layer,
 whatever the number of adapters; the base runs with PEFT's adapters disabled.
 Layers PEFT computes differently (DoRA, non-Linear) keep PEFT's own path.
+
+Explanations (``?explain=true``) run Grad-CAM through the same shared base, under
+the lock every batch takes: one adapter via peft's plain path (the stacked hooks
+are off outside a mixed batch), then the run's own head, in fp32.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from PIL import Image
 from torch import nn
 
 from ..errors import VitloraError
+
+#: Long side of the explanation overlay at most, in px (the web page shows it beside the bars).
+EXPLAIN_MAX_SIDE = 768
 
 
 @dataclass
@@ -73,6 +80,21 @@ def _stack_loras(model: nn.Module, names: list[str], rows: _Rows) -> bool:
                 b[i, :, : m.r[n]] = m.lora_B[n].weight * m.scaling[n]
         m.register_forward_hook(partial(_stacked_delta, a, b, rows))
     return True
+
+
+class _WithHead(nn.Module):
+    """The shared backbone (its head is ``nn.Identity``) then one run's head: what Grad-CAM needs."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.config = backbone.config  # explain_pixels reads the patch size
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> Any:
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        out = self.backbone(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        return ImageClassifierOutput(logits=self.head(out.logits), hidden_states=out.hidden_states)
 
 
 @dataclass
@@ -120,21 +142,38 @@ class _SharedBase:
                 out[i] = row
         return out
 
+    def _pixels(self, image: Image.Image, name: str) -> torch.Tensor:
+        """One image as adapter `name`'s model input [3, H, W] (its run's eval preprocessing)."""
+        from ..data import load_rgb, normalize, resize_for_eval
+
+        pp = self.preprocess[name]
+        return normalize(resize_for_eval(load_rgb(image), pp).unsqueeze(0), pp)[0]
+
     def predict_mixed(
         self, images: list[Image.Image], names: list[str], top_k: int
     ) -> list[list[tuple[str, float]]]:
         """Top-k per image, each image classified by the adapter named beside it."""
-        from ..data import load_rgb, normalize, resize_for_eval
         from ..metrics import top_k_predictions
 
-        pixels = torch.stack([
-            normalize(resize_for_eval(load_rgb(im), self.preprocess[n]).unsqueeze(0), self.preprocess[n])[0]
-            for im, n in zip(images, names)
-        ])
+        pixels = torch.stack([self._pixels(im, n) for im, n in zip(images, names)])
         return [
             top_k_predictions(torch.softmax(row, dim=-1)[None], dict(enumerate(self.labels[name])), top_k)[0]
             for name, row in zip(names, self.logits(pixels, names))
         ]
+
+    def explain(self, image: Image.Image, name: str, label: str) -> torch.Tensor:
+        """Grad-CAM heat of `label` on the patch grid, for one image under adapter `name` (fp32).
+
+        Holds the lock that every batch's forward takes, so the adapter switch can
+        neither leak into a batch in flight nor be undone by one.
+        """
+        from ..explain import explain_pixels
+
+        x = self._pixels(image, name)[None].to(self.device)
+        with self.lock:
+            self.model.set_adapter(name)
+            grid, _ = explain_pixels(_WithHead(self.model, self.heads[name]), x, self.labels[name].index(label))
+        return grid
 
 
 @dataclass
@@ -149,6 +188,19 @@ class LoadedAdapter:
 
     def predict(self, images: list[Image.Image], top_k: int) -> list[list[tuple[str, float]]]:
         return self.batch_group.predict_mixed(images, [self.name] * len(images), top_k)
+
+    def explain(self, image: Image.Image, label: str, max_side: int = EXPLAIN_MAX_SIDE) -> bytes:
+        """PNG: Grad-CAM heat of `label` over the photo, shrunk to at most `max_side` px (same aspect).
+
+        The heat comes from the full image (what the model classified) and is mapped
+        onto the thumbnail through the eval geometry.
+        """
+        from ..explain import heat_to_photo, overlay_png
+
+        grid = self.batch_group.explain(image, self.name, label)
+        shown = image.copy()
+        shown.thumbnail((max_side, max_side))
+        return overlay_png(shown, heat_to_photo(grid, shown.size, self.batch_group.preprocess[self.name]))
 
 
 def _unique_name(run_dir: Path, taken: set[str]) -> str:
@@ -177,13 +229,12 @@ def public_model_name(model_id: str) -> str:
 
 
 def _new_base(base_id: str, dev: torch.device, meta: dict[str, Any], run: Path) -> _SharedBase:
-    from ..modeling import load_base
-    from ..run import base_fingerprint
+    from ..modeling import base_fingerprint, load_base
     from ..surgery import find_head
 
     model, _ = load_base(base_id)
     expected = meta.get("base_fingerprint")
-    if expected and expected != base_fingerprint(model, exclude_head=True):
+    if expected and expected != base_fingerprint(model):
         raise VitloraError(f"base model {base_id} does not match the adapter in {run}")
     head_name, _ = find_head(model)
     setattr(model, head_name, nn.Identity())  # heads are per run, applied by _SharedBase.logits

@@ -123,6 +123,7 @@ def _v1_router(service: Service, require_token: Callable[..., Any]) -> APIRouter
                 "num_labels": len(a.labels),
                 "metrics": dict(a.metrics or {}),
                 "default": a.name == service.default_name,
+                "explain": service.explainable(a),
             }
             for a in service.by_name.values()
         ]
@@ -138,17 +139,22 @@ def _v1_router(service: Service, require_token: Callable[..., Any]) -> APIRouter
         request: Request,
         adapter: str | None = Query(None, description="Adapter name; the default adapter if omitted."),
         top_k: int | None = Query(None, ge=1, description="How many labels to return (1..num_labels); default 5."),
+        explain: bool = Query(False, description="Also return `explanation`: where the model looked for the top-1."),
     ) -> dict[str, Any]:
         """Classify one image, sent as the raw body or as multipart field `image`."""
         started = time.perf_counter()
         chosen = service.adapter(adapter)
         k = service.top_k(chosen, top_k)
+        if explain:
+            service.check_explainable(chosen)
         async with service.admitted():
             image = await service.decode(await read_upload(request, service.limits))
             ranked = await service.classify(chosen, image, k)
+            explanation = await service.explain(chosen, image, ranked[0][0]) if explain else None
         return {
             "adapter": chosen.name,
             "top_k": [{"label": label, "score": score} for label, score in ranked],
+            "explanation": explanation,
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
         }
 

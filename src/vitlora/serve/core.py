@@ -9,6 +9,7 @@ however many clients arrive, and no client can hold a slot forever.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ class Adapter(Protocol):
     An adapter may also have ``batch_group``: an object with
     ``predict_mixed(images, adapter_names, top_k)`` shared by the adapters that
     can run in one forward pass; requests for them are then batched together.
+    It may also have ``explain(image, label) -> bytes``: a PNG of where the
+    model looked for ``label``, thread-safe against ``predict`` (``?explain=true``).
     """
 
     name: str  # unique, used in ?adapter=NAME
@@ -167,3 +170,24 @@ class Service:
             raise ApiError(500, str(exc)) from None
         except BatcherClosed as exc:
             raise ApiError(503, str(exc)) from None
+
+    @staticmethod
+    def explainable(adapter: Adapter) -> bool:
+        """Whether the adapter draws explanations (``?explain=true``); the test fakes do not."""
+        return callable(getattr(adapter, "explain", None))
+
+    def check_explainable(self, adapter: Adapter) -> None:
+        """422 before the upload is read when the adapter cannot draw explanations."""
+        if not self.explainable(adapter):
+            raise ApiError(422, f"adapter {adapter.name!r} cannot explain its answers (explain=true)")
+
+    async def explain(self, adapter: Adapter, image: Image.Image, label: str) -> str:
+        """The adapter's overlay of ``label`` as a PNG data URL, drawn in a worker thread."""
+        self.check_explainable(adapter)
+        try:
+            png = await anyio.to_thread.run_sync(adapter.explain, image, label)  # type: ignore[attr-defined]
+        except ApiError:
+            raise
+        except VitloraError as exc:  # e.g. a model without a patch grid
+            raise ApiError(422, f"adapter {adapter.name!r} cannot explain this answer: {exc}") from None
+        return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

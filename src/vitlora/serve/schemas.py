@@ -19,6 +19,7 @@ class AdapterInfo(BaseModel):
     num_labels: int
     metrics: dict[str, Any]
     default: bool = Field(description="Used when ?adapter= is omitted; always listed first.")
+    explain: bool = Field(False, description="Whether `/v1/predict?explain=true` works for this adapter.")
 
 
 class Score(BaseModel):
@@ -29,6 +30,11 @@ class Score(BaseModel):
 class PredictResponse(BaseModel):
     adapter: str
     top_k: list[Score] = Field(description="Best first.")
+    explanation: str | None = Field(
+        None,
+        description="Only with explain=true: a PNG data URL (`data:image/png;base64,...`), the Grad-CAM heat "
+        "of the top-1 label over the photo, same aspect as the upload, at most 768 px on its long side.",
+    )
     latency_ms: float = Field(description="Server time from request to answer, upload included.")
 
 
@@ -45,7 +51,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         408: "The upload did not arrive within the read timeout.",
         413: "Upload larger than the limit, or image with more pixels than the server decodes.",
         415: "Not an image, or a corrupt/truncated one.",
-        422: "top_k out of range.",
+        422: "top_k out of range, or explain=true for an adapter that cannot explain.",
         500: "The model failed on this request.",
         503: "Too many requests in progress (see Retry-After), or shutting down.",
     }.items()
