@@ -1,11 +1,14 @@
 """Data pipeline: sources (what) -> decode (pixels) -> transforms (geometry, normalisation) -> cache (once).
 
+``hf`` (hub data sets) and ``webdataset`` (tar shards, streamed instead of cached) load lazily:
+their libraries are optional extras.
+
 Each stage is its own module so it can be tested and reasoned about alone;
 the training loop only needs the names re-exported here.
 """
 
 from .cache import ImageCache, build_cache, iterate_batches, stream_decoded
-from .decode import SkipReport, load_rgb, to_rgb
+from .decode import SkipReport, load_rgb, printable, to_rgb
 from .sources import (
     IMAGE_EXTENSIONS,
     DataSource,
@@ -39,6 +42,7 @@ __all__ = [
     "iterate_batches",
     "load_rgb",
     "normalize",
+    "printable",
     "random_resized_crop_flip",
     "resize_for_eval",
     "resize_for_train",

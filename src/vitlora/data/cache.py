@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import BadImageError, VitloraError
-from .decode import SkipReport, load_rgb
-from .sources import Sample
+from .decode import SkipReport, load_rgb, printable
+from .samples import Sample
 from .transforms import Preprocess, resize_for_eval, resize_for_train
 
 T = TypeVar("T")
@@ -104,6 +104,122 @@ def _where(samples: Sequence[Sample]) -> str:
         return f"{len(paths)} files"
 
 
+class CacheSlots:
+    """Preallocated uint8 storage for ``n`` images: a tensor, or a memmap file when over the budget."""
+
+    def __init__(self, n: int, shape: tuple[int, int, int], memory_budget_bytes: int,
+                 disk_dir: str | None = None) -> None:
+        self._cleanup: Callable[[], None] | None = None
+        self.images: torch.Tensor | np.memmap
+        if n * int(np.prod(shape)) <= memory_budget_bytes:
+            self.images = torch.empty((n, *shape), dtype=torch.uint8)
+            return
+        made_dir = disk_dir is None
+        folder = tempfile.mkdtemp(prefix="vitlora-cache-") if made_dir else disk_dir
+        os.makedirs(folder, exist_ok=True)
+        file = os.path.join(folder, f"vitlora-cache-{uuid.uuid4().hex[:12]}.u8")
+        try:
+            self.images = np.memmap(file, dtype=np.uint8, mode="w+", shape=(n, *shape))
+        except OSError as e:
+            raise VitloraError(f"cannot create the image cache in {folder}: {e.strerror or e}") from None
+        target, is_dir = (folder, True) if made_dir else (file, False)
+        self._cleanup = lambda: _remove(target, is_dir)
+
+    def put(self, k: int, image: torch.Tensor) -> None:
+        if isinstance(self.images, torch.Tensor):
+            self.images[k] = image
+        else:
+            self.images[k] = image.numpy()
+
+    def discard(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def finish(self, labels: list[int], paths: list[str]) -> ImageCache:
+        """The first ``len(paths)`` slots as a cache; a memmap file is removed with the cache."""
+        m = len(paths)
+        images = self.images
+        if isinstance(images, torch.Tensor):
+            images = images[:m] if m < len(images) else images
+        else:
+            images.flush()
+            images = images[:m]  # a view: still backed by the same file
+        cache = ImageCache(images, torch.tensor(labels, dtype=torch.long), paths)
+        if self._cleanup is not None:
+            weakref.finalize(cache, self._cleanup)
+        return cache
+
+
+def decode_resized(src: object, pp: Preprocess, train: bool, work_size: int | None = None,
+                   draft: tuple[int, int] | None = None) -> torch.Tensor | str:
+    """One image as the cache stores it (uint8 [3,H,W], train or eval geometry), or why it was skipped."""
+    try:
+        img = load_rgb(src, draft=draft)
+        return resize_for_train(img, pp, work_size) if train else resize_for_eval(img, pp)
+    except BadImageError as e:
+        return str(e)
+
+
+def cache_geometry(pp: Preprocess, train: bool, work_size: int | None = None) -> tuple[tuple[int, int, int],
+                                                                                      tuple[int, int]]:
+    """(stored image shape, JPEG draft target) for a training or an evaluation cache."""
+    if train:
+        side = pp.work_size(work_size)
+        return (3, side, side), (side, side)
+    return (3, pp.height, pp.width), pp.eval_target()
+
+
+def check_known_labels(labels: Iterable[str | None], label2id: dict[str, int] | None) -> None:
+    if label2id is None:
+        return
+    unknown = sorted({lab for lab in labels if lab is not None and lab not in label2id})
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
+        raise VitloraError(f"labels not known to the model: {shown}; known labels: {', '.join(sorted(label2id))}")
+
+
+def check_every_label_kept(wanted: Iterable[str | None], kept: Sequence[int], label2id: dict[str, int] | None,
+                           report: SkipReport) -> None:
+    """A class all of whose training images were unreadable is an empty class: an error, as in discovery."""
+    if label2id is None:
+        return
+    have = set(kept)
+    lost = sorted({lab for lab in wanted if lab is not None and label2id[lab] not in have})
+    if lost:
+        noun = "class" if len(lost) == 1 else "classes"
+        raise VitloraError(f"{noun} {', '.join(printable(x) for x in lost[:10])} {'has' if len(lost) == 1 else 'have'} "
+                           f"no readable training images ({report.summary(max_paths=3)}); "
+                           "add readable images or remove the class")
+
+
+def _decode_all(samples: Sequence[Sample], slots: CacheSlots, work: Callable[[Sample], torch.Tensor | str],
+                label2id: dict[str, int] | None, num_threads: int,
+                progress: bool) -> tuple[list[str], list[int], SkipReport]:
+    """Decode ``samples`` into ``slots`` in order; unreadable ones go to the report."""
+    report = SkipReport(total=len(samples))
+    paths: list[str] = []
+    labels: list[int] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(samples), desc="decoding images", unit="img", leave=False)
+    try:
+        for s, out in _ordered_map(work, samples, num_threads, window=max(8, 4 * num_threads)):
+            if isinstance(out, str):
+                report.add(s.path, out)
+            else:
+                slots.put(len(paths), out)
+                paths.append(s.path)
+                labels.append(label2id[s.label] if label2id is not None and s.label is not None else -1)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return paths, labels, report
+
+
 def build_cache(
     samples: Sequence[Sample],
     label2id: dict[str, int] | None,
@@ -120,7 +236,8 @@ def build_cache(
     """Decode every sample once (``resize_for_train`` if ``train`` else ``resize_for_eval``).
 
     Unreadable images are skipped and reported (``strict``: raise instead,
-    after trying them all so the message lists every bad file at once).
+    after trying them all so the message lists every bad file at once). In a
+    training cache, a class left with no readable image is an error.
     ``draft`` lets big JPEGs decode at reduced scale; pass ``False`` for an
     evaluation that must match ``pipeline()`` exactly.
     """
@@ -130,94 +247,26 @@ def build_cache(
         from ..runtime import usable_cores
 
         num_threads = usable_cores()
-    if label2id is not None:
-        unknown = sorted({s.label for s in samples if s.label is not None and s.label not in label2id})
-        if unknown:
-            shown = ", ".join(unknown[:10]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
-            raise VitloraError(f"labels not known to the model: {shown}; known labels: {', '.join(sorted(label2id))}")
-
-    if train:
-        side = pp.work_size(work_size)
-        shape = (3, side, side)
-        draft_wh = (side, side)
-    else:
-        shape = (3, pp.height, pp.width)
-        draft_wh = pp.eval_target()
-    n = len(samples)
-    nbytes = n * int(np.prod(shape))
-
-    cleanup: Callable[[], None] | None = None
-    images: torch.Tensor | np.memmap
-    if nbytes <= memory_budget_bytes:
-        images = torch.empty((n, *shape), dtype=torch.uint8)
-    else:
-        made_dir = disk_dir is None
-        folder = tempfile.mkdtemp(prefix="vitlora-cache-") if made_dir else disk_dir
-        os.makedirs(folder, exist_ok=True)
-        file = os.path.join(folder, f"vitlora-cache-{uuid.uuid4().hex[:12]}.u8")
-        try:
-            images = np.memmap(file, dtype=np.uint8, mode="w+", shape=(n, *shape))
-        except OSError as e:
-            raise VitloraError(f"cannot create the image cache in {folder}: {e.strerror or e}") from None
-        target, is_dir = (folder, True) if made_dir else (file, False)
-        cleanup = lambda: _remove(target, is_dir)  # noqa: E731
+    check_known_labels((s.label for s in samples), label2id)
+    shape, draft_wh = cache_geometry(pp, train, work_size)
+    slots = CacheSlots(len(samples), shape, memory_budget_bytes, disk_dir)
 
     def work(s: Sample) -> torch.Tensor | str:
-        try:
-            img = load_rgb(s.image if s.image is not None else s.path, draft=draft_wh if draft else None)
-            return resize_for_train(img, pp, work_size) if train else resize_for_eval(img, pp)
-        except BadImageError as e:
-            return str(e)
+        return decode_resized(s.image if s.image is not None else s.path, pp, train, work_size,
+                              draft_wh if draft else None)
 
-    report = SkipReport(total=n)
-    keep_paths: list[str] = []
-    keep_labels: list[int] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="decoding images", unit="img", leave=False)
     try:
-        for s, out in _ordered_map(work, samples, num_threads, window=max(8, 4 * num_threads)):
-            if isinstance(out, str):
-                report.add(s.path, out)
-            else:
-                k = len(keep_paths)
-                if isinstance(images, torch.Tensor):
-                    images[k] = out
-                else:
-                    images[k] = out.numpy()
-                keep_paths.append(s.path)
-                keep_labels.append(label2id[s.label] if label2id is not None and s.label is not None else -1)
-            if bar is not None:
-                bar.update(1)
+        paths, labels, report = _decode_all(samples, slots, work, label2id, num_threads, progress)
+        if not paths:
+            raise VitloraError(f"no readable images in {_where(samples)}: {report.summary()}")
+        if strict and report.count:
+            raise BadImageError(f"{report.summary(max_paths=5)} (strict mode: fix or remove them)")
+        if train:
+            check_every_label_kept((s.label for s in samples), labels, label2id, report)
     except BaseException:
-        if cleanup is not None:
-            cleanup()
+        slots.discard()
         raise
-    finally:
-        if bar is not None:
-            bar.close()
-
-    if not keep_paths:
-        if cleanup is not None:
-            cleanup()
-        raise VitloraError(f"no readable images in {_where(samples)}: {report.summary()}")
-    if strict and report.count:
-        if cleanup is not None:
-            cleanup()
-        raise BadImageError(f"{report.summary(max_paths=5)} (strict mode: fix or remove them)")
-
-    m = len(keep_paths)
-    if isinstance(images, torch.Tensor):
-        images = images[:m] if m < n else images
-    else:
-        images.flush()
-        images = images[:m]  # a view: still backed by the same file
-    cache = ImageCache(images, torch.tensor(keep_labels, dtype=torch.long), keep_paths)
-    if cleanup is not None:
-        weakref.finalize(cache, cleanup)
-    return cache, report
+    return slots.finish(labels, paths), report
 
 
 def iterate_batches(
@@ -287,10 +336,7 @@ def stream_decoded(
     draft_wh = pp.eval_target() if draft else None
 
     def work(p: str) -> torch.Tensor | str:
-        try:
-            return resize_for_eval(load_rgb(p, draft=draft_wh), pp)
-        except BadImageError as e:
-            return str(e)
+        return decode_resized(p, pp, False, draft=draft_wh)
 
     window = max(1, prefetch) * batch_size
     tensors: list[torch.Tensor] = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ def _open(src: ImageSource) -> PIL.Image.Image:
         if isinstance(src, (bytes, bytearray, memoryview)):
             return PIL.Image.open(io.BytesIO(bytes(src)))
         if isinstance(src, (str, os.PathLike)):
+            if not stat.S_ISREG(os.stat(src).st_mode):  # opening a FIFO would block forever
+                raise BadImageError("not a regular file")
             return PIL.Image.open(os.fspath(src))
     except FileNotFoundError:
         raise BadImageError("file not found") from None
@@ -166,6 +169,11 @@ def load_rgb(src: ImageSource, draft: tuple[int, int] | None = None) -> PIL.Imag
         raise BadImageError(f"corrupt: {msg}") from None
 
 
+def printable(path: str) -> str:
+    """A path safe to print as UTF-8 (undecodable file-name bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace") if isinstance(path, str) else str(path)
+
+
 @dataclass
 class SkipReport:
     """Which inputs were skipped and why, so one bad file never kills a run silently."""
@@ -180,16 +188,11 @@ class SkipReport:
     def add(self, path: str, reason: str) -> None:
         self.skipped.append((path, reason))
 
-    def extend(self, other: SkipReport) -> None:
-        """Merge a partial report (e.g. one batch's) into this running one."""
-        self.total += other.total
-        self.skipped.extend(other.skipped)
-
     def summary(self, max_paths: int = 3) -> str:
         """``"skipped 2 of 150 images: a.jpg (truncated), b.jpg (not an image)"``; ``""`` if none."""
         if not self.skipped:
             return ""
-        shown = ", ".join(f"{p} ({r})" for p, r in self.skipped[:max_paths])
+        shown = ", ".join(f"{printable(p)} ({r})" for p, r in self.skipped[:max_paths])
         more = self.count - max_paths
         tail = f", and {more} more" if more > 0 else ""
         noun = "image" if self.total == 1 else "images"

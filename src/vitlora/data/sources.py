@@ -13,39 +13,19 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import os
 import random
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from ..errors import VitloraError
+from .decode import printable
+from .samples import DataSource, Sample
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Folders that archive tools / notebooks leave behind; never classes.
 _JUNK_DIRS = frozenset({"__MACOSX", "__pycache__"})
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image: a file path, or an in-memory HF image with a readable id as ``path``."""
-
-    path: str
-    label: str | None
-    image: Any = None  # HF datasets: PIL image or {"bytes": ..., "path": ...}
-
-
-@dataclass
-class DataSource:
-    """The discovered samples plus what the user needs to know about the layout."""
-
-    samples: list[Sample]
-    kind: str  # imagefolder | flat | manifest | hf
-    root: str
-    labels: list[str]  # sorted, unique
-    ignored_files: int = 0
 
 
 def is_image_file(name: str) -> bool:
@@ -56,46 +36,92 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name in _JUNK_DIRS
 
 
-def _walk_images(folder: str) -> tuple[list[str], int]:
-    """Image files under ``folder`` (recursive, sorted, hidden skipped) and the count of other files."""
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _check_link(link: str, fence: str, own: str) -> None:
+    """Refuse a symlinked folder that loops (leads to ``fence``, the data folder, or above it) or
+    leads into the data folder outside ``own`` (another class's images would join this class)."""
+    real = os.path.realpath(link)
+    if _inside(fence, real):
+        raise VitloraError(f"{printable(link)} is a symlink to {printable(real)}, which contains the data folder "
+                           "(a loop); remove the link")
+    if _inside(real, fence) and not _inside(real, own):
+        raise VitloraError(f"{printable(link)} is a symlink to {printable(real)}, outside its own folder; "
+                           "a class folder may not link into another class, remove the link")
+
+
+def _walk_images(folder: str, fence: str | None = None) -> tuple[list[str], int]:
+    """Image files under ``folder`` (recursive, sorted, hidden skipped) and the count of other files.
+
+    Only regular files count as images (``DirEntry.is_file`` is a ``stat``: a FIFO is
+    never opened). Symlinked files are followed; symlinked folders too, unless
+    :func:`_check_link` refuses them (``fence``: the data folder ``folder``
+    belongs to, default ``folder``). Each real folder is listed once.
+    """
+    fence_real = os.path.realpath(fence if fence is not None else folder)
+    own_real = os.path.join(fence_real, os.path.basename(folder.rstrip(os.sep))) if fence else fence_real
     images: list[str] = []
     ignored = 0
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # symlink loop
-            dirnames[:] = []
+    stack = [folder]
+    while stack:
+        top = stack.pop()
+        real = os.path.realpath(top)
+        if real in seen:
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        for name in sorted(filenames):
-            if _hidden(name):
-                continue
-            if is_image_file(name):
-                images.append(os.path.join(dirpath, name))
+        try:
+            with os.scandir(top) as it:
+                entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable folder: like os.walk, nothing to list
+        subdirs = []
+        for e in entries:
+            if e.is_dir():
+                if e.is_symlink():
+                    _check_link(e.path, fence_real, own_real)
+                subdirs.append(e.path)
+            elif e.is_file() and is_image_file(e.name):  # DirEntry.is_file: S_ISREG, never opens
+                images.append(e.path)
             else:
                 ignored += 1
+        stack.extend(reversed(subdirs))
     images.sort()
     return images, ignored
 
 
 def _list_names(names: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
+    shown = ", ".join(printable(n) for n in names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_label_names(names: Sequence[str], where: str) -> None:
+    """Labels are written to labels.json and the model card: they must be valid UTF-8 text."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise VitloraError(f"class name {printable(name)!r} in {printable(where)} is not valid UTF-8 text; "
+                               "rename it (labels are written to labels.json and the model card)") from None
 
 
 def _discover_folder(spec: str, label: str | None) -> DataSource:
     with os.scandir(spec) as it:
         entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
     subdirs = [e for e in entries if e.is_dir()]
-    files = [e for e in entries if e.is_file()]
-    top_images = [e.path for e in files if is_image_file(e.name)]
+    files = [e for e in entries if not e.is_dir()]
+    top_images = [e.path for e in files if e.is_file() and is_image_file(e.name)]  # is_file: S_ISREG
     top_ignored = len(files) - len(top_images)
 
     classes: dict[str, list[str]] = {}
     ignored = top_ignored
+    fence = os.path.realpath(spec)
     for d in subdirs:
-        imgs, ign = _walk_images(d.path)
+        if d.is_symlink():
+            _check_link(d.path, fence, os.path.join(fence, d.name))
+        imgs, ign = _walk_images(d.path, fence=spec)
         classes[d.name] = imgs
         ignored += ign
     with_images = [c for c, imgs in classes.items() if imgs]
@@ -113,6 +139,7 @@ def _discover_folder(spec: str, label: str | None) -> DataSource:
                 f"--label is for a flat folder of one class; {spec} is an ImageFolder "
                 f"with classes {_list_names(names)}"
             )
+        _check_label_names([c for c in names if classes[c]], spec)
         empty = [c for c in names if not classes[c]]
         if empty:
             which = "class folder" if len(empty) == 1 else "class folders"
@@ -137,9 +164,21 @@ def _manifest_path(base: str, p: str) -> str:
     return p if os.path.isabs(p) else os.path.join(base, p)
 
 
+def _read_text(spec: str) -> str:
+    """The manifest as text; bytes that are not UTF-8 are a one-line error naming the line."""
+    with open(spec, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise VitloraError(f"{printable(spec)} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                           "save the manifest as UTF-8") from None
+
+
 def _read_csv(spec: str, base: str) -> list[Sample]:
     samples: list[Sample] = []
-    with open(spec, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(spec), newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -175,7 +214,7 @@ def _read_csv(spec: str, base: str) -> list[Sample]:
 
 def _read_jsonl(spec: str, base: str) -> list[Sample]:
     samples: list[Sample] = []
-    with open(spec, encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(spec), newline=None) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -206,157 +245,23 @@ def _discover_manifest(spec: str, label: str | None) -> DataSource:
     if not samples:
         raise VitloraError(f"no images found in {spec}")
     labels = sorted({s.label for s in samples if s.label is not None})
+    _check_label_names(labels, spec)
     return DataSource(samples, "manifest", base or ".", labels, 0)
-
-
-# ---------------------------------------------------------------------------- hf
-
-
-_SPLIT_RE = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<a>-?\d+%?)?:(?P<b>-?\d+%?)?\])?$")
-
-
-def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """``hf:NAME[:CONFIG]/SPLIT`` -> (name, config, split). NAME may contain ``/``."""
-    body = spec[3:]
-    rest, sep, split = body.rpartition("/")
-    if not sep or not rest or not split:
-        raise VitloraError(f"expected hf:NAME[:CONFIG]/SPLIT (e.g. hf:beans/train), got {spec}")
-    name, config = rest, None
-    if not os.path.isdir(rest) and ":" in rest:
-        name, _, config = rest.rpartition(":")
-        if not name or not config:
-            raise VitloraError(f"expected hf:NAME[:CONFIG]/SPLIT (e.g. hf:beans/train), got {spec}")
-    return name, config, split
-
-
-def _parse_split(split: str, spec: str) -> tuple[str, str | None, str | None]:
-    m = _SPLIT_RE.match(split)
-    if not m:
-        raise VitloraError(f"cannot read split {split!r} in {spec}; use e.g. train, train[:500] or train[10%:]")
-    return m["name"], m["a"], m["b"]
-
-
-def _slice_bound(v: str | None, n: int) -> int | None:
-    if v is None:
-        return None
-    if v.endswith("%"):
-        return round(int(v[:-1]) * n / 100)  # same rounding as datasets' "closest"
-    return int(v)
-
-
-def _is_hub_unreachable(e: BaseException) -> bool:
-    markers = ("ConnectionError", "ConnectError", "Timeout", "OfflineModeIsEnabled", "LocalEntryNotFoundError")
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, (ConnectionError, TimeoutError)) or any(
-            m in t.__name__ for t in type(cur).__mro__ for m in markers
-        ):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _load_hf(spec: str) -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise VitloraError(
-            f"{spec} needs the Hugging Face datasets library; install the extra: pip install 'vitlora[datasets]'"
-        ) from None
-    name, config, split = parse_hf_spec(spec)
-    base, a, b = _parse_split(split, spec)
-    saved = os.path.isdir(name) and any(
-        os.path.exists(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")
-    )
-    if saved:
-        try:
-            ds = datasets.load_from_disk(name)
-        except Exception as e:
-            raise VitloraError(f"could not load {name}: {_first_line(e)}") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if base not in ds:
-                raise VitloraError(f"{name} has no split {base!r}; it has {', '.join(sorted(ds))}")
-            ds = ds[base]
-        elif ds.split is not None and str(ds.split) != base:
-            raise VitloraError(f"{name} holds the {ds.split!r} split, not {base!r}")
-        start, stop, _ = slice(_slice_bound(a, len(ds)), _slice_bound(b, len(ds))).indices(len(ds))
-        offset = start
-        if (start, stop) != (0, len(ds)):
-            ds = ds.select(range(start, max(start, stop)))
-    else:
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:
-            if _is_hub_unreachable(e):
-                raise VitloraError(
-                    f"the Hugging Face hub is unreachable, so {spec} cannot be downloaded; "
-                    "pass a local folder (or a save_to_disk folder as hf:PATH/SPLIT) instead"
-                ) from None
-            raise VitloraError(f"could not load {spec}: {_first_line(e)}") from None
-        if isinstance(ds, datasets.DatasetDict):  # split=None cannot happen, but be safe
-            ds = ds[base]
-        offset = 0  # index of the first row in the unsliced split, for readable sample ids
-        if a is not None:
-            try:
-                total = ds.info.splits[base].num_examples
-                offset = slice(_slice_bound(a, total), _slice_bound(b, total)).indices(total)[0]
-            except Exception:
-                offset = int(a) if a.isdigit() else 0
-    return datasets, ds, name, split, offset
-
-
-def _discover_hf(spec: str, label: str | None) -> DataSource:
-    if label is not None:
-        raise VitloraError(f"--label is for a flat folder of one class; {spec} takes labels from its ClassLabel column")
-    datasets, ds, name, split, offset = _load_hf(spec)
-    feats = ds.features
-    img_col = next((c for c, f in feats.items() if isinstance(f, datasets.Image)), None)
-    if img_col is None:
-        raise VitloraError(f"{spec} has no Image column (columns: {', '.join(feats)})")
-    lab_col = next((c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)), None)
-    names: list[str] | None = None
-    if lab_col is not None:
-        names = list(feats[lab_col].names)
-    else:  # plain string label column, as some hub data sets have
-        lab_col = next(
-            (
-                c
-                for c in ("label", "labels", "class")
-                if c in feats and isinstance(feats[c], datasets.Value) and feats[c].dtype in ("string", "large_string")
-            ),
-            None,
-        )
-    # Keep encoded bytes: decoding happens once, in the cache's thread pool.
-    ds = ds.cast_column(img_col, datasets.Image(decode=False))
-    images = ds[img_col]
-    raw_labels = ds[lab_col] if lab_col is not None else [None] * len(images)
-    base_name = name.rstrip("/")
-    samples: list[Sample] = []
-    split_base = split.split("[", 1)[0]
-    for i, (img, lab) in enumerate(zip(images, raw_labels)):
-        if names is not None:
-            lab = names[lab] if isinstance(lab, int) and 0 <= lab < len(names) else None
-        samples.append(Sample(f"hf:{base_name}/{split_base}#{offset + i}", lab, img))
-    if not samples:
-        raise VitloraError(f"no images found in {spec}")
-    labels = sorted(set(names)) if names is not None else sorted({s.label for s in samples if s.label})
-    return DataSource(samples, "hf", name, labels, 0)
 
 
 # ----------------------------------------------------------------------- public
 
 
 def discover(spec: str, label: str | None = None) -> DataSource:
-    """Find the samples behind ``--data SPEC``: an ImageFolder, a flat folder, a manifest or ``hf:``."""
+    """Find the samples behind ``--data SPEC``: an ImageFolder, a flat folder, a manifest, ``hf:`` or tar shards."""
     if spec.startswith("hf:"):
-        return _discover_hf(spec, label)
+        from .hf import discover_hf  # datasets is an optional extra
+
+        return discover_hf(spec, label)
+    if spec.lower().endswith(".tar"):  # WebDataset shards: one .tar or a brace pattern of them
+        from .webdataset import discover_shards
+
+        return discover_shards(spec, label)
     if not os.path.exists(spec):
         raise VitloraError(f"data not found: {spec}")
     if os.path.isdir(spec):
@@ -364,7 +269,7 @@ def discover(spec: str, label: str | None = None) -> DataSource:
     if spec.lower().endswith((".csv", ".jsonl")):
         return _discover_manifest(spec, label)
     raise VitloraError(
-        f"{spec} is a file; expected a folder of images, a .csv/.jsonl manifest or hf:NAME/SPLIT"
+        f"{spec} is a file; expected a folder of images, a .csv/.jsonl manifest, .tar shards or hf:NAME/SPLIT"
     )
 
 
@@ -372,29 +277,27 @@ def expand_image_paths(paths: Sequence[str]) -> list[str]:
     """Expand ``predict`` arguments: files as given, folders recursively, glob patterns.
 
     Files (named directly or matched by a pattern) are kept whatever their
-    extension: the decoder decides and reports. Folders, also folders matched
-    by a pattern, contribute their image-extension files recursively.
-    Duplicates are dropped, first occurrence wins.
+    extension or type: the decoder decides and reports (a FIFO or device is
+    skipped there, by ``stat``, without being opened). Folders, also folders
+    matched by a pattern, contribute their regular image-extension files
+    recursively. Duplicates are dropped, first occurrence wins.
     """
     out: list[str] = []
     for p in paths:
-        if os.path.isfile(p):
-            found = [p]
-        elif os.path.isdir(p):
+        if os.path.isdir(p):
             found = _walk_images(p)[0]
             if not found:
-                raise VitloraError(f"no images found in {p}")
+                raise VitloraError(f"no images found in {printable(p)}")
+        elif os.path.exists(p):
+            found = [p]
         elif glob.has_magic(p):
             found = []
             for m in sorted(glob.glob(p, recursive=True)):
-                if os.path.isdir(m):
-                    found.extend(_walk_images(m)[0])
-                elif os.path.isfile(m):
-                    found.append(m)
+                found.extend(_walk_images(m)[0] if os.path.isdir(m) else [m])
             if not found:
-                raise VitloraError(f"no images match {p}")
+                raise VitloraError(f"no images match {printable(p)}")
         else:
-            raise VitloraError(f"no such file or folder: {p}")
+            raise VitloraError(f"no such file or folder: {printable(p)}")
         out.extend(found)
     return list(dict.fromkeys(out))
 

@@ -1,0 +1,31 @@
+"""What discovery returns: samples (an image and its label) and the data source they came from.
+
+Apart from ``sources`` so the optional sources (``hf``, ``webdataset``) and the
+cache can share these types without importing discovery (no import circle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: a file path, or an in-memory HF image with a readable id as ``path``."""
+
+    path: str
+    label: str | None
+    image: Any = None  # HF datasets: PIL image or {"bytes": ..., "path": ...}
+
+
+@dataclass
+class DataSource:
+    """The discovered samples plus what the user needs to know about the layout."""
+
+    samples: list[Sample]
+    kind: str  # imagefolder | flat | manifest | hf | webdataset
+    root: str
+    labels: list[str]  # sorted, unique (webdataset: labels.txt's order when it has one)
+    ignored_files: int = 0
+    shards: Any = None  # webdataset: a ShardSet; samples stream from it instead of ``samples`` (empty)
