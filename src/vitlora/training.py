@@ -99,11 +99,15 @@ def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool, lo
 
 def find_data(config: TrainConfig) -> tuple[list[str], list[Any], list[Any]]:
     """(labels, training samples, validation samples): `--val`, else a seeded stratified split of DATA."""
+    from . import multilabel as ml
     from .data import discover, stratified_split
 
     source = discover(config.data, label=config.label)
+    if ml.is_multi_label(source.samples):  # several labels per image: sigmoid + BCE (vitlora.multilabel)
+        ml.check_mode(config.resolved_mode)
     if not config.val:
-        train_samples, val_samples = stratified_split(source.samples, config.val_split, config.seed)
+        splitter = ml.split if ml.is_multi_label(source.samples) else stratified_split
+        train_samples, val_samples = splitter(source.samples, config.val_split, config.seed)
         return list(source.labels), train_samples, val_samples
     val_source = discover(config.val, label=config.label)
     unknown = sorted(set(val_source.labels) - set(source.labels))
@@ -144,9 +148,12 @@ def build_model(config: TrainConfig, data_labels: list[str], log: Callable[[str]
 
 def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples: list[Any]) -> Decoded:
     """Decode every image once at working size (uint8 caches); skipped files are reported, not fatal."""
+    from . import multilabel as ml
     from .data import build_cache
 
     label2id, show = built.change.data_label2id(), s.progress and s.rt.is_main
+    if ml.is_multi_label([*train_samples, *val_samples]):  # multi-hot float targets
+        build_cache = ml.build_cache
     train, train_report = build_cache(train_samples, label2id, built.pp, train=True, strict=s.config.strict,
                                       progress=show)
     val, val_report = (build_cache(val_samples, label2id, built.pp, train=False, strict=s.config.strict,
@@ -180,6 +187,8 @@ def run_files(s: Session, built: Built, data: Decoded) -> RunWriter:
     import peft
     import transformers
 
+    from .multilabel import is_multi_hot, run_fields
+
     config, change, rt = s.config, built.change, s.rt
     meta = {
         "vitlora_version": __version__, "config": config.to_dict(), "mode": config.resolved_mode,
@@ -202,6 +211,9 @@ def run_files(s: Session, built: Built, data: Decoded) -> RunWriter:
         "new_labels": change.new_labels,
         "data_label2id": change.data_label2id(),
     }
+    if is_multi_hot(data.train):  # problem_type + per-label thresholds (tuned on held-out data in the loop)
+        labels_info.update(run_fields(change.labels))
+        meta["problem_type"] = labels_info["problem_type"]
     return RunWriter(s.plan.staging, meta, labels_info, built.processor, rt.precision)
 
 
