@@ -228,3 +228,28 @@ def test_merge_pipeline_and_onnx_give_the_same_sigmoid_scores(multi_run: Path, p
     x = normalize(torch.stack([resize_for_eval(load_rgb(f), run.preprocess) for f in files]), run.preprocess)
     onnx_probs = torch.sigmoid(torch.from_numpy(OnnxPredictor(onnx_dir).logits(x.numpy())))
     assert torch.allclose(onnx_probs, run.predict_pixels(x), atol=1e-4)
+
+
+# ---- real photos: DeiT-tiny on two-photo collages (benchmarks/collages.py, smaller) ----------------
+
+
+@pytest.mark.slow
+def test_deit_tiny_on_collages_of_unseen_photos(tmp_path: Path):
+    """Collages of photos never used in training: mAP well over chance (the full benchmark reaches >= 0.90)."""
+    import importlib.util
+
+    from conftest import DEIT, need_shared
+
+    need_shared()
+    spec = importlib.util.spec_from_file_location("collages", Path(__file__).parents[1] / "benchmarks" / "collages.py")
+    collages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collages)
+    data = tmp_path / "collages"
+    collages.make(data, n_train=96, n_val=32, n_test=60, seed=1)
+    out, report = tmp_path / "run", tmp_path / "eval.json"
+    assert run_cli("train", data / "train.csv", "--val", data / "val.csv", "--model", DEIT, "--out", out,
+                   "--epochs", "2", "--quiet") == 0
+    assert run_cli("eval", out, data / "test.csv", "--json", report) == 0
+    r = json.loads(report.read_text())
+    assert r["n_images"] == 60 and set(r["per_class"]) == {"cat", "dog", "raccoon"}
+    assert r["mean_average_precision"] >= 0.85
