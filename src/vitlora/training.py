@@ -172,10 +172,13 @@ def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples:
 def prepare_head(s: Session, built: Built, data: Decoded) -> Any:
     """New head rows start at class-mean features (both modes); extend mode's hook (None in replace mode)."""
     from .extend import prepare_extend
-    from .heads import imprint_new_rows
+    from .heads import imprint_new_rows, trainable_head
+    from .multilabel import center_bias, is_multi_hot
 
     built.peft_model.to(s.rt.device)
     base_out = imprint_new_rows(built.peft_model, built.change, data.train, built.pp, s.rt.device, s.log)
+    if base_out is not None and is_multi_hot(data.train):  # sigmoids start undecided (vitlora.multilabel)
+        center_bias(trainable_head(built.peft_model, built.change.head_name), base_out.features, data.train.labels)
     if s.config.resolved_mode != "extend":
         return None
     return prepare_extend(built.peft_model, built.change, s.config, data.train, data.val, base_out, built.pp,
