@@ -230,6 +230,21 @@ def test_merge_pipeline_and_onnx_give_the_same_sigmoid_scores(multi_run: Path, p
     assert torch.allclose(onnx_probs, run.predict_pixels(x), atol=1e-4)
 
 
+def test_serve_answers_with_sigmoid_scores(multi_run: Path, pairs_csv: Path):
+    import httpx
+
+    import vitlora
+    from vitlora.serve import create_app, load_adapters, running_server
+
+    path = pairs_csv.parent / "red-blue-3.png"
+    expected = vitlora.load(multi_run).predict([str(path)], top_k=3)[0].top_k
+    with running_server(create_app(load_adapters([multi_run], device="cpu"))) as url:
+        got = httpx.post(f"{url}/v1/predict?top_k=3", content=path.read_bytes()).json()["top_k"]
+    assert [g["label"] for g in got] == [lab for lab, _ in expected]
+    assert [g["score"] for g in got] == pytest.approx([s for _, s in expected], abs=1e-5)
+    assert sum(g["score"] for g in got) > 1.2  # sigmoids, not a softmax (red and blue both near 1)
+
+
 # ---- real photos: DeiT-tiny on two-photo collages (benchmarks/collages.py, smaller) ----------------
 
 

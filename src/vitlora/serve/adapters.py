@@ -44,6 +44,7 @@ class LoadedAdapter:
     metrics: dict[str, Any]
     _base: _SharedBase
     _preprocess: Any
+    multi_label: bool = False  # scores are per-label sigmoids (vitlora.multilabel)
 
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -57,9 +58,10 @@ class LoadedAdapter:
     def predict(self, images: list[Image.Image], top_k: int) -> list[list[tuple[str, float]]]:
         from ..data import load_rgb, normalize, resize_for_eval
         from ..metrics import top_k_predictions
+        from ..multilabel import probabilities
 
         batch = torch.stack([resize_for_eval(load_rgb(im), self._preprocess) for im in images])
-        probs = torch.softmax(self.logits(normalize(batch, self._preprocess)), dim=-1)
+        probs = probabilities(self.logits(normalize(batch, self._preprocess)), self.multi_label)
         return top_k_predictions(probs, dict(enumerate(self.labels)), top_k)
 
 
@@ -87,6 +89,7 @@ def load_adapters(run_dirs: Sequence[str | Path], device: str = "auto") -> list[
 
     from ..data import Preprocess
     from ..modeling import load_base
+    from ..multilabel import is_multi_label_run
     from ..run import read_run_files
     from ..runtime import pick_device
     from ..surgery import find_head
@@ -129,5 +132,6 @@ def load_adapters(run_dirs: Sequence[str | Path], device: str = "auto") -> list[
         adapters.append(LoadedAdapter(
             name=name, base_model=base_id, labels=[id2label[str(i)] for i in range(len(id2label))],
             metrics=_metrics_summary(run), _base=shared, _preprocess=Preprocess.from_dict(meta["processor"]),
+            multi_label=is_multi_label_run(labels_info),
         ))
     return adapters
