@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from pathlib import Path
@@ -202,6 +203,18 @@ def test_predict_rows_carry_labels_and_sigmoid_scores(multi_run: Path, pairs_csv
         expected = {lab for i, lab in run.id2label.items() if p[i] >= thresholds[i]}
         assert set(row["labels"]) == expected
     assert set(rows[0]["labels"]) == {"blue", "red"} and rows[1]["labels"] == ["green"]
+    table = tmp_path / "p.csv"  # --csv: a last column with the labels, after --top-k label/score pairs
+    assert run_cli("predict", multi_run, *files, "--csv", table, "--top-k", "5", "--precision", "fp32") == 0
+    lines = list(csv.reader(table.open()))
+    assert lines[0][-1] == "labels" and len(lines[0]) == 12 and all(len(r) == 12 for r in lines)
+    assert [set(r[-1].split("|")) for r in lines[1:]] == [set(row["labels"]) for row in rows]
+
+
+def test_single_label_run_refuses_multi_label_data(tiny_model, colour_folder, pairs_csv, tmp_path: Path, capsys):
+    out = tmp_path / "single"
+    assert run_cli("train", colour_folder, "--model", tiny_model, "--out", out, "--epochs", "1", "--quiet") == 0
+    assert run_cli("eval", out, pairs_csv) == 2
+    assert "single-label run" in capsys.readouterr().err
 
 
 def test_merge_pipeline_and_onnx_give_the_same_sigmoid_scores(multi_run: Path, pairs_csv: Path, tmp_path: Path):

@@ -248,11 +248,14 @@ def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
     header = ["path"]
     for i in range(1, k + 1):
         header += [f"label_{i}", f"score_{i}"]
-    writer.writerow(header)
+    multi = any("labels" in row for row in rows)  # multi-label run: a last column "a|b" of labels over threshold
+    writer.writerow(header + ["labels"] * multi)
     for row in rows:
         cells = [row["path"]]
         for item in row["top_k"]:
             cells += [item["label"], f"{item['score']:.6f}"]
+        if multi:
+            cells += [""] * (len(header) - len(cells)) + ["|".join(row.get("labels", []))]
         writer.writerow(cells)
     write_bytes_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))  # file names byte for byte
 

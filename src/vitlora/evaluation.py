@@ -47,6 +47,8 @@ def evaluate(run: Run, data: str, label: str | None = None, strict: bool = False
         result = multilabel.report(_run_logits(run, cache, batch_size), cache.labels, run.id2label,
                                    multilabel.thresholds_of(run.labels_info, run.id2label))
     else:
+        if any(len(multilabel.sample_labels(s)) != 1 for s in source.samples):
+            raise VitloraError(f"{data} has images with several (or no) labels; {run.run_dir} is a single-label run")
         cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict,
                                     draft=False)
         result = classification_report(_run_logits(run, cache, batch_size), cache.labels, run.id2label)

@@ -283,7 +283,8 @@ def epoch_line(r: dict[str, Any], epochs: int, improved: bool) -> str:
     parts = [f"epoch {r['epoch']}/{epochs}", f"train_loss {r['train_loss']:.4f}"]
     if "val_loss" in r:
         parts += [f"val_loss {r['val_loss'] + 0.0:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
-    for key, name in (("val_map", "mAP"), ("new_class_recall", "recall"), ("false_positive_rate", "fp_rate"), ("retention", "retention")):
+    for key, name in (("val_map", "mAP"),  # multi-label runs
+                      ("new_class_recall", "recall"), ("false_positive_rate", "fp_rate"), ("retention", "retention")):
         if r.get(key) is not None:
             parts.append(f"{name} {r[key]:.4f}")
     parts += [f"{r['images_per_s']:.1f} img/s", f"{r['wall_s']:.1f} s"]

@@ -110,6 +110,8 @@ def find_data(config: TrainConfig) -> tuple[list[str], list[Any], list[Any]]:
         train_samples, val_samples = splitter(source.samples, config.val_split, config.seed)
         return list(source.labels), train_samples, val_samples
     val_source = discover(config.val, label=config.label)
+    if ml.is_multi_label(val_source.samples):
+        ml.check_mode(config.resolved_mode)
     unknown = sorted(set(val_source.labels) - set(source.labels))
     if unknown:
         raise VitloraError(f"--val has labels the training data lacks: {', '.join(unknown)}")
@@ -149,11 +151,11 @@ def build_model(config: TrainConfig, data_labels: list[str], log: Callable[[str]
 def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples: list[Any]) -> Decoded:
     """Decode every image once at working size (uint8 caches); skipped files are reported, not fatal."""
     from . import multilabel as ml
-    from .data import build_cache
+    from .data import build_cache as single_label_cache
 
     label2id, show = built.change.data_label2id(), s.progress and s.rt.is_main
-    if ml.is_multi_label([*train_samples, *val_samples]):  # multi-hot float targets
-        build_cache = ml.build_cache
+    multi = ml.is_multi_label([*train_samples, *val_samples])
+    build_cache = ml.build_cache if multi else single_label_cache  # multi-label: multi-hot float targets
     train, train_report = build_cache(train_samples, label2id, built.pp, train=True, strict=s.config.strict,
                                       progress=show)
     val, val_report = (build_cache(val_samples, label2id, built.pp, train=False, strict=s.config.strict,
