@@ -179,7 +179,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def format_eval(r: dict[str, Any]) -> str:
     lines = [f"images: {r['n_images']}" + (f" ({r['skipped']} skipped)" if r.get("skipped") else "")]
-    for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "nll",
+    for key in ("mean_average_precision", "subset_accuracy", "bce",  # multi-label runs (vitlora.multilabel)
+                "accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "nll",
                 "new_class_recall", "false_positive_rate", "retention"):
         value = r.get(key)
         if isinstance(value, dict):
@@ -233,6 +234,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(shown_path(row["path"]))
             for rank, item in enumerate(row["top_k"], 1):
                 print(f"  {rank}. {item['label'][:40]:<40} {100 * item['score']:6.2f}%")
+            if "labels" in row:  # multi-label run: every label over its threshold
+                print(f"  labels: {', '.join(row['labels']) or '(none)'}")
     if args.json or args.csv:
         print(f"wrote {len(rows)} predictions to {shown_path(args.json or args.csv)}")
     if skipped:
@@ -287,11 +290,14 @@ def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
     header = ["path"]
     for i in range(1, k + 1):
         header += [f"label_{i}", f"score_{i}"]
-    writer.writerow(header)
+    multi = any("labels" in row for row in rows)  # multi-label run: a last column "a|b" of labels over threshold
+    writer.writerow(header + ["labels"] * multi)
     for row in rows:
         cells = [row["path"]]
         for item in row["top_k"]:
             cells += [item["label"], f"{item['score']:.6f}"]
+        if multi:
+            cells += [""] * (len(header) - len(cells)) + ["|".join(row.get("labels", []))]
         writer.writerow(cells)
     write_bytes_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))  # file names byte for byte
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import multilabel
 from .errors import VitloraError
 from .extend_math import shift_metrics
 from .inference import batched_logits
@@ -40,8 +41,17 @@ def evaluate(run: Run, data: str, label: str | None = None, strict: bool = False
 
     source = discover(data, label=label)
     label2id = data_label_ids(run, source.labels)
-    cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict, draft=False)
-    result = classification_report(_run_logits(run, cache, batch_size), cache.labels, run.id2label)
+    if run.multi_label:  # multi-hot targets; mAP and per-label metrics at the stored thresholds
+        cache, report = multilabel.build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict,
+                                               draft=False, num_labels=len(run.id2label))
+        result = multilabel.report(_run_logits(run, cache, batch_size), cache.labels, run.id2label,
+                                   multilabel.thresholds_of(run.labels_info, run.id2label))
+    else:
+        if any(len(multilabel.sample_labels(s)) != 1 for s in source.samples):
+            raise VitloraError(f"{data} has images with several (or no) labels; {run.run_dir} is a single-label run")
+        cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict,
+                                    draft=False)
+        result = classification_report(_run_logits(run, cache, batch_size), cache.labels, run.id2label)
     result["skipped"] = report.count
     if report.count:
         result["skipped_files"] = [{"path": p, "reason": r} for p, r in report.skipped[:20]]

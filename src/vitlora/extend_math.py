@@ -22,7 +22,7 @@ def imprint_rows(features: torch.Tensor, labels: torch.Tensor, class_ids: list[i
     """One head row per class in `class_ids`: the mean of its L2-normalised features, normalised, times `norm`."""
     rows = []
     for c in class_ids:
-        f = features[labels == c]
+        f = features[labels[:, c] > 0 if labels.ndim == 2 else labels == c]  # 2-D: multi-hot (multi-label)
         if len(f) == 0:
             raise VitloraError(f"cannot imprint class id {c}: no training images")
         rows.append(F.normalize(F.normalize(f.float(), dim=-1).mean(0), dim=0) * norm)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import multilabel
 from .config import TrainConfig
 from .inference import cache_logits
 from .persist import RunWriter, TrainState, log, restore_checkpoint
@@ -128,6 +129,7 @@ class Loop:
         self.gen = torch.Generator().manual_seed(config.seed)
         self.net: nn.Module = job.model
         self.scaler = torch.amp.GradScaler("cuda") if rt.precision == "fp16" else None
+        self.thresholds: dict[str, float] | None = None  # multi-label: tuned on the last validation
 
     def wrap_distributed(self) -> None:
         if self.rt.distributed:
@@ -145,6 +147,8 @@ class Loop:
             logits = self.net(pixel_values=x).logits
         if hook is not None:
             return hook.loss(logits.float(), labels, teacher)
+        if labels.ndim == 2:  # multi-hot targets: one sigmoid per label (vitlora.multilabel)
+            return multilabel.bce_loss(logits, labels, self.config.label_smoothing)
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
 
     def step(self, idx: torch.Tensor, epoch: int, i: int, last: bool) -> list[float]:
@@ -212,9 +216,15 @@ class Loop:
         score = torch.tensor([0.0, 0.0], dtype=torch.float64)
         if rt.is_main and job.val_cache is not None:
             logits = cache_logits(job.model, job.val_cache, job.pp, rt.device, rt.precision)
-            rep = classification_report(logits, job.val_cache.labels, job.id2label)
-            record.update({"val_loss": rep["nll"], "val_accuracy": rep["accuracy"], "val_macro_f1": rep["macro_f1"]})
-            score[0], score[1] = rep["accuracy"], -rep["nll"]
+            if multilabel.is_multi_hot(job.val_cache):  # mAP, then lower BCE; thresholds tuned on this epoch
+                multi, self.thresholds = multilabel.validation(logits, job.val_cache.labels, job.id2label)
+                record.update(multi)
+                score[0], score[1] = multi["val_map"] or 0.0, -multi["val_loss"]
+            else:
+                rep = classification_report(logits, job.val_cache.labels, job.id2label)
+                record.update({"val_loss": rep["nll"], "val_accuracy": rep["accuracy"],
+                               "val_macro_f1": rep["macro_f1"]})
+                score[0], score[1] = rep["accuracy"], -rep["nll"]
             if job.hook is not None:  # new-class recall; FP rate and retention on held-out negatives
                 record.update(job.hook.validate(logits))
                 score[0], score[1] = job.hook.score(record), 0.0
@@ -252,6 +262,8 @@ def fit(job: Job, config: TrainConfig, rt: Runtime, writer: RunWriter, lora_scal
         state.history.append(record)
         if rt.is_main:
             if improved:
+                if loop.thresholds is not None:
+                    writer.labels_info["thresholds"] = loop.thresholds
                 writer.best(job.model, epoch)
             writer.epoch(state, job.model, loop.opt, loop.sched, loop.gen, config)
             bar.write(epoch_line(record, config.epochs, improved))
@@ -271,7 +283,8 @@ def epoch_line(r: dict[str, Any], epochs: int, improved: bool) -> str:
     parts = [f"epoch {r['epoch']}/{epochs}", f"train_loss {r['train_loss']:.4f}"]
     if "val_loss" in r:
         parts += [f"val_loss {r['val_loss'] + 0.0:.4f}", f"val_acc {r['val_accuracy']:.4f}"]
-    for key, name in (("new_class_recall", "recall"), ("false_positive_rate", "fp_rate"), ("retention", "retention")):
+    for key, name in (("val_map", "mAP"),  # multi-label runs
+                      ("new_class_recall", "recall"), ("false_positive_rate", "fp_rate"), ("retention", "retention")):
         if r.get(key) is not None:
             parts.append(f"{name} {r[key]:.4f}")
     parts += [f"{r['images_per_s']:.1f} img/s", f"{r['wall_s']:.1f} s"]

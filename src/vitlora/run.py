@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from . import multilabel
 from .errors import VitloraError
 from .metrics import top_k_predictions
 from .modeling import load_run_model, quiet_transformers
@@ -25,9 +26,13 @@ class Prediction:
 
     path: str
     top_k: list[tuple[str, float]]
+    labels: list[str] | None = None  # multi-label runs: every label at or over its threshold
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "top_k": [{"label": lab, "score": score} for lab, score in self.top_k]}
+        row: dict[str, Any] = {"path": self.path, "top_k": [{"label": lab, "score": s} for lab, s in self.top_k]}
+        if self.labels is not None:
+            row["labels"] = self.labels
+        return row
 
 
 @dataclass
@@ -58,9 +63,22 @@ class Run:
         with autocast(self.device, self.precision):
             return self.model(pixel_values=x).logits.float()
 
+    @property
+    def multi_label(self) -> bool:
+        return multilabel.is_multi_label_run(self.labels_info)
+
     def predict_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities for normalised pixel values."""
-        return torch.softmax(self.logits(pixel_values), dim=-1).cpu()
+        """Probabilities for normalised pixel values: softmax, or one sigmoid per label (multi-label)."""
+        return multilabel.probabilities(self.logits(pixel_values), self.multi_label).cpu()
+
+    def _predictions(self, probs: torch.Tensor, paths: Sequence[str], top_k: int) -> list[Prediction]:
+        """Top-k of each row, and for a multi-label run the labels over their thresholds."""
+        tops = top_k_predictions(probs, self.id2label, top_k)
+        if not self.multi_label:
+            return [Prediction(p, t) for p, t in zip(paths, tops)]
+        over = multilabel.over_threshold(probs, self.id2label, multilabel.thresholds_of(self.labels_info,
+                                                                                        self.id2label))
+        return [Prediction(p, t, labs) for p, t, labs in zip(paths, tops, over)]
 
     def predict(
         self,
@@ -84,8 +102,7 @@ class Run:
                 chunk = pil[start : start + batch_size]
                 batch = torch.stack([resize_for_eval(load_rgb(im), self.preprocess) for im in chunk])
                 probs = self.predict_pixels(normalize(batch, self.preprocess))
-                for i, tops in enumerate(top_k_predictions(probs, self.id2label, top_k)):
-                    out.append(Prediction(f"<image {start + i}>", tops))
+                out.extend(self._predictions(probs, [f"<image {start + i}>" for i in range(len(chunk))], top_k))
         paths = [str(p) for p in images if not isinstance(p, Image.Image)]
         if paths:
             out.extend(self.predict_decoded(stream_decoded(paths, self.preprocess, batch_size), top_k, skipped))
@@ -108,8 +125,7 @@ class Run:
             if len(batch_paths) == 0:
                 continue
             probs = self.predict_pixels(normalize(batch, self.preprocess))
-            for path, tops in zip(batch_paths, top_k_predictions(probs, self.id2label, top_k)):
-                out.append(Prediction(path, tops))
+            out.extend(self._predictions(probs, batch_paths, top_k))
         return out
 
     def merge(self, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -159,6 +175,8 @@ def load(
     from .data import Preprocess
 
     model, meta, labels_info = load_run_model(run_dir, merge=merge, base_model=base_model)
+    if multilabel.is_multi_label_run(labels_info):  # so a merged config.json makes pipeline() use sigmoid
+        model.config.problem_type = multilabel.PROBLEM_TYPE
     dev = pick_device(device)
     prec = inference_precision(precision, dev)
     return Run(

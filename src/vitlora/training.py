@@ -99,13 +99,19 @@ def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool, lo
 
 def find_data(config: TrainConfig) -> tuple[list[str], list[Any], list[Any]]:
     """(labels, training samples, validation samples): `--val`, else a seeded stratified split of DATA."""
+    from . import multilabel as ml
     from .data import discover, stratified_split
 
     source = discover(config.data, label=config.label)
+    if ml.is_multi_label(source.samples):  # several labels per image: sigmoid + BCE (vitlora.multilabel)
+        ml.check_mode(config.resolved_mode)
     if not config.val:
-        train_samples, val_samples = stratified_split(source.samples, config.val_split, config.seed)
+        splitter = ml.split if ml.is_multi_label(source.samples) else stratified_split
+        train_samples, val_samples = splitter(source.samples, config.val_split, config.seed)
         return list(source.labels), train_samples, val_samples
     val_source = discover(config.val, label=config.label)
+    if ml.is_multi_label(val_source.samples):
+        ml.check_mode(config.resolved_mode)
     unknown = sorted(set(val_source.labels) - set(source.labels))
     if unknown:
         raise VitloraError(f"--val has labels the training data lacks: {', '.join(unknown)}")
@@ -144,9 +150,12 @@ def build_model(config: TrainConfig, data_labels: list[str], log: Callable[[str]
 
 def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples: list[Any]) -> Decoded:
     """Decode every image once at working size (uint8 caches); skipped files are reported, not fatal."""
-    from .data import build_cache
+    from . import multilabel as ml
+    from .data import build_cache as single_label_cache
 
     label2id, show = built.change.data_label2id(), s.progress and s.rt.is_main
+    multi = ml.is_multi_label([*train_samples, *val_samples])
+    build_cache = ml.build_cache if multi else single_label_cache  # multi-label: multi-hot float targets
     train, train_report = build_cache(train_samples, label2id, built.pp, train=True, strict=s.config.strict,
                                       progress=show)
     val, val_report = (build_cache(val_samples, label2id, built.pp, train=False, strict=s.config.strict,
@@ -165,10 +174,13 @@ def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples:
 def prepare_head(s: Session, built: Built, data: Decoded) -> Any:
     """New head rows start at class-mean features (both modes); extend mode's hook (None in replace mode)."""
     from .extend import prepare_extend
-    from .heads import imprint_new_rows
+    from .heads import imprint_new_rows, trainable_head
+    from .multilabel import center_bias, is_multi_hot
 
     built.peft_model.to(s.rt.device)
     base_out = imprint_new_rows(built.peft_model, built.change, data.train, built.pp, s.rt.device, s.log)
+    if base_out is not None and is_multi_hot(data.train):  # sigmoids start undecided (vitlora.multilabel)
+        center_bias(trainable_head(built.peft_model, built.change.head_name), base_out.features, data.train.labels)
     if s.config.resolved_mode != "extend":
         return None
     return prepare_extend(built.peft_model, built.change, s.config, data.train, data.val, base_out, built.pp,
@@ -179,6 +191,8 @@ def run_files(s: Session, built: Built, data: Decoded) -> RunWriter:
     """What `vitlora.json` and `labels.json` will say about this run."""
     import peft
     import transformers
+
+    from .multilabel import is_multi_hot, run_fields
 
     config, change, rt = s.config, built.change, s.rt
     meta = {
@@ -202,6 +216,9 @@ def run_files(s: Session, built: Built, data: Decoded) -> RunWriter:
         "new_labels": change.new_labels,
         "data_label2id": change.data_label2id(),
     }
+    if is_multi_hot(data.train):  # problem_type + per-label thresholds (tuned on held-out data in the loop)
+        labels_info.update(run_fields(change.labels))
+        meta["problem_type"] = labels_info["problem_type"]
     return RunWriter(s.plan.staging, meta, labels_info, built.processor, rt.precision)
 
 

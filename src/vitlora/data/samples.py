@@ -17,6 +17,7 @@ class Sample:
     path: str
     label: str | None
     image: Any = None  # HF datasets: PIL image or {"bytes": ..., "path": ...}
+    labels: tuple[str, ...] | None = None  # multi-label rows (`a|b`, a "labels" list); then label = "a|b"
 
 
 @dataclass

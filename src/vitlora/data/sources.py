@@ -206,7 +206,7 @@ def _read_csv(spec: str, base: str) -> list[Sample]:
                     raise VitloraError(f"{spec} line {n}: empty path")
                 if not lab:
                     raise VitloraError(f"{spec} line {n}: empty label")
-                samples.append(Sample(_manifest_path(base, path), lab))
+                samples.append(_labelled(_manifest_path(base, path), lab, f"{spec} line {n}"))
         except csv.Error as e:
             raise VitloraError(f"{spec} line {reader.line_num}: {e}") from None
     return samples
@@ -225,16 +225,29 @@ def _read_jsonl(spec: str, base: str) -> list[Sample]:
                 raise VitloraError(f"{spec} line {n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise VitloraError(f'{spec} line {n}: expected an object like {{"path": ..., "label": ...}}')
-            missing = [k for k in ("path", "label") if k not in obj]
+            missing = [k for k in ("path", "label") if k not in obj and not (k == "label" and "labels" in obj)]
             if missing:
                 raise VitloraError(f"{spec} line {n}: missing {', '.join(repr(k) for k in missing)}")
-            path, lab = obj["path"], obj["label"]
+            path, lab = obj["path"], obj["labels"] if "labels" in obj else obj["label"]
             if not isinstance(path, str) or not path.strip():
                 raise VitloraError(f"{spec} line {n}: 'path' must be a non-empty string")
+            if isinstance(lab, list):
+                samples.append(_labelled(_manifest_path(base, path), lab, f"{spec} line {n}"))
+                continue
             if isinstance(lab, bool) or not isinstance(lab, (str, int)) or not str(lab).strip():
                 raise VitloraError(f"{spec} line {n}: 'label' must be a non-empty string")
-            samples.append(Sample(_manifest_path(base, path), str(lab).strip()))
+            samples.append(_labelled(_manifest_path(base, path), str(lab).strip(), f"{spec} line {n}"))
     return samples
+
+
+def _labelled(path: str, lab: str | list, where: str) -> Sample:
+    """A manifest row: one label, or a label set (a `|`-separated field, a JSONL "labels" list)."""
+    if isinstance(lab, str) and "|" not in lab:
+        return Sample(path, lab)
+    from ..multilabel import SEPARATOR, label_set
+
+    labels = label_set(lab.split(SEPARATOR) if isinstance(lab, str) else lab, where)
+    return Sample(path, SEPARATOR.join(labels), labels=labels)
 
 
 def _discover_manifest(spec: str, label: str | None) -> DataSource:
@@ -244,7 +257,7 @@ def _discover_manifest(spec: str, label: str | None) -> DataSource:
     samples = _read_csv(spec, base) if spec.lower().endswith(".csv") else _read_jsonl(spec, base)
     if not samples:
         raise VitloraError(f"no images found in {spec}")
-    labels = sorted({s.label for s in samples if s.label is not None})
+    labels = sorted({lab for s in samples for lab in (s.labels if s.labels is not None else (s.label,))})
     _check_label_names(labels, spec)
     return DataSource(samples, "manifest", base or ".", labels, 0)
 

@@ -108,6 +108,7 @@ class _SharedBase:
     heads: dict[str, nn.Linear] = field(default_factory=dict)
     labels: dict[str, list[str]] = field(default_factory=dict)
     preprocess: dict[str, Any] = field(default_factory=dict)
+    multi_label: set[str] = field(default_factory=set)  # adapters whose scores are per-label sigmoids
     rows: _Rows = field(default_factory=_Rows)
     stacked: dict[str, int] = field(default_factory=dict)  # adapter -> index in the stacked LoRA
 
@@ -154,10 +155,12 @@ class _SharedBase:
     ) -> list[list[tuple[str, float]]]:
         """Top-k per image, each image classified by the adapter named beside it."""
         from ..metrics import top_k_predictions
+        from ..multilabel import probabilities
 
         pixels = torch.stack([self._pixels(im, n) for im, n in zip(images, names)])
         return [
-            top_k_predictions(torch.softmax(row, dim=-1)[None], dict(enumerate(self.labels[name])), top_k)[0]
+            top_k_predictions(probabilities(row[None], name in self.multi_label),
+                              dict(enumerate(self.labels[name])), top_k)[0]
             for name, row in zip(names, self.logits(pixels, names))
         ]
 
@@ -267,6 +270,7 @@ def load_adapters(run_dirs: Sequence[str | Path], device: str = "auto") -> list[
 
     from ..data import Preprocess
     from ..run import read_run_files
+    from ..multilabel import is_multi_label_run
     from ..runtime import pick_device
 
     dev = pick_device(device)
@@ -296,6 +300,8 @@ def load_adapters(run_dirs: Sequence[str | Path], device: str = "auto") -> list[
         shared.heads[name] = head.to(dev).eval()
         shared.labels[name] = labels
         shared.preprocess[name] = Preprocess.from_dict(meta["processor"])
+        if is_multi_label_run(labels_info):
+            shared.multi_label.add(name)
         shared.model.eval()
         adapters.append(LoadedAdapter(
             name=name, base_model=public_model_name(base_id), labels=labels,
