@@ -239,8 +239,14 @@ def test_merge_pipeline_and_onnx_give_the_same_sigmoid_scores(multi_run: Path, p
     assert run_cli("export", multi_run, onnx_dir, "--format", "onnx") == 0
     run = vitlora.load(multi_run)
     x = normalize(torch.stack([resize_for_eval(load_rgb(f), run.preprocess) for f in files]), run.preprocess)
-    onnx_probs = torch.sigmoid(torch.from_numpy(OnnxPredictor(onnx_dir).logits(x.numpy())))
+    predictor = OnnxPredictor(onnx_dir)
+    onnx_probs = torch.sigmoid(torch.from_numpy(predictor.logits(x.numpy())))
     assert torch.allclose(onnx_probs, run.predict_pixels(x), atol=1e-4)
+    # `predict --onnx` scores are sigmoids too (the export's labels.json records the problem type)
+    top = predictor.predict_pixels(x.numpy(), top_k=len(predictor.labels))
+    for row, probs in zip(top, run.predict_pixels(x)):
+        for label, score in row:
+            assert abs(score - float(probs[predictor.labels.index(label)])) < 1e-4
 
 
 def test_serve_answers_with_sigmoid_scores(multi_run: Path, pairs_csv: Path):

@@ -181,21 +181,21 @@ def check_preprocess(preprocess: dict) -> str:
         raise VitloraError(f"preprocess dict is not JSON-serialisable: {e}") from e
 
 
-def write_sidecars(folder: Path, labels: list[str], preprocess_json: str) -> None:
-    """labels.json (index order) and preprocessor_config.json, so a consumer needs neither
-    transformers nor the model config to prepare an image and name a prediction."""
-    (folder / LABELS_FILE).write_text(
-        json.dumps({"id2label": {str(i): name for i, name in enumerate(labels)}}, indent=2, ensure_ascii=False)
-        + "\n",
-        encoding="utf-8",
-    )
+def write_sidecars(folder: Path, labels: list[str], preprocess_json: str, problem_type: str | None = None) -> None:
+    """labels.json (index order; `problem_type` for a multi-label model, whose scores are sigmoids)
+    and preprocessor_config.json, so a consumer needs neither transformers nor the model config
+    to prepare an image and name a prediction."""
+    doc: dict = {"id2label": {str(i): name for i, name in enumerate(labels)}}
+    if problem_type:
+        doc["problem_type"] = problem_type
+    (folder / LABELS_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / PREPROCESSOR_FILE).write_text(preprocess_json + "\n", encoding="utf-8")
 
 
 def read_sidecars(folder: Path) -> tuple[list[str], dict]:
     """Labels in index order and the preprocessing dict of an export folder."""
     try:
-        id2label = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))["id2label"]
+        id2label = read_labels_doc(folder)["id2label"]
         labels = [str(id2label[str(i)]) for i in range(len(id2label))]
         preprocess = json.loads((folder / PREPROCESSOR_FILE).read_text(encoding="utf-8"))
     except (ValueError, KeyError, TypeError) as e:
@@ -295,3 +295,8 @@ def check_model(model: Any) -> None:
         raise VitloraError(
             f"can only export a plain transformers model, got {type(model).__name__}; merge the LoRA adapter first"
         )
+
+
+def read_labels_doc(folder: Path) -> dict:
+    """An export folder's labels.json as written by `write_sidecars`."""
+    return json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))

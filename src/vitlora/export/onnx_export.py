@@ -137,7 +137,7 @@ def export_onnx(
     work, batches, references = reference(model, images, len(labels))
     with staging(final, overwrite) as tmp:
         written = write_verified_onnx(work, images, tmp / MODEL_FILE, opset)
-        write_sidecars(tmp, labels, preprocess_json)
+        write_sidecars(tmp, labels, preprocess_json, getattr(model.config, "problem_type", None))
         export_seconds = time.perf_counter() - started
         predictor = OnnxPredictor(tmp, int8=False)
         max_diff, top1_agree = compare([predictor.logits(b) for b in batches], references, "ONNX")

@@ -77,7 +77,7 @@ def export_openvino(
         write_verified_onnx(work, images, tmp / MODEL_FILE, None)
         _onnx_to_ir(tmp / MODEL_FILE, tmp / OPENVINO_MODEL_FILE)
         (tmp / MODEL_FILE).unlink()
-        write_sidecars(tmp, labels, preprocess_json)
+        write_sidecars(tmp, labels, preprocess_json, getattr(model.config, "problem_type", None))
         export_seconds = time.perf_counter() - started
         predictor = OpenVinoPredictor(tmp)
         max_diff, top1_agree = compare([predictor.logits(b) for b in batches], references, "OpenVINO")

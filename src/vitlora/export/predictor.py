@@ -16,6 +16,7 @@ from vitlora.export.common import (
     MODEL_FILE,
     PREPROCESSOR_FILE,
     one_line,
+    read_labels_doc,
     read_sidecars,
     require,
     softmax,
@@ -40,6 +41,7 @@ class Predictor:
             if not (folder / name).is_file():
                 raise VitloraError(f"{folder} is not a vitlora {self.kind} export: {name} is missing")
         self.labels, self.preprocess = read_sidecars(folder)
+        self.multi_label = read_labels_doc(folder).get("problem_type") == "multi_label_classification"
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -64,10 +66,11 @@ class Predictor:
             raise VitloraError(f"{self.runtime} failed on a batch of {x.shape[0]}: {one_line(e)}") from e
 
     def predict_pixels(self, pixel_values: np.ndarray | torch.Tensor, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Per image, the ``top_k`` (label, softmax probability) pairs, most likely first."""
+        """Per image, the ``top_k`` (label, probability) pairs, most likely first (sigmoids for multi-label)."""
         if top_k < 1:
             raise VitloraError(f"top_k must be at least 1, got {top_k}")
-        probs = softmax(self.logits(pixel_values))
+        logits = self.logits(pixel_values)
+        probs = 1.0 / (1.0 + np.exp(-logits)) if self.multi_label else softmax(logits)
         k = min(top_k, probs.shape[-1])
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
         return [[(self.labels[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
