@@ -220,3 +220,31 @@ def test_memory_stays_bounded_while_streaming(tmp_path: Path) -> None:
     decoded_mb = seen * 3 * 256 * 256 / 2**20
     assert seen == 2 * n and decoded_mb >= 240
     assert grew_kb < 50 * 1024, f"peak RSS grew {grew_kb / 1024:.0f} MB while streaming {decoded_mb:.0f} MB"
+
+
+def test_stream_feeds_the_loops_index_batches_one_pass_per_epoch(tmp_path: Path) -> None:
+    """ShardStream: what the training loop sees (len, batch(idx)) covers each training sample once per epoch."""
+    from vitlora.data import iterate_batches
+    from vitlora.data.webdataset import ShardStream
+
+    spec = make_shards(tmp_path / "s", 30, per_shard=8)
+    shards = discover(spec).shards
+    stream = ShardStream(shards, {lab: i for i, lab in enumerate(LABELS)}, SMALL, 0.2, seed=0, rank=0,
+                         world_size=1, num_threads=1, report=SkipReport(), chunk=5)
+    n_train = shards.count("train", 0.2)
+    assert len(stream) == n_train
+    gen = torch.Generator().manual_seed(0)
+    epochs = []
+    for _ in range(2):
+        seen, labels = [], []
+        for idx in iterate_batches(len(stream), 4, shuffle=True, generator=gen):
+            for part in idx.split(3):  # micro-batches, as the loop asks for them
+                images, y = stream.batch(part)
+                assert len(images) == len(part) == len(y)
+                seen += _index_of(images)
+                labels += y.tolist()
+        assert sorted(seen) == sorted(set(seen)) and len(seen) == n_train  # each training sample once
+        assert all(LABELS[lab] == LABELS[i % 3] for i, lab in zip(seen, labels))
+        epochs.append(seen)
+    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]  # same samples, reshuffled
+    assert stream.label_counts(0.2).sum() == n_train

@@ -380,3 +380,54 @@ def _readable(items: Iterator[_Item], report: SkipReport) -> Iterator[_Item]:
 def _batched(items: Iterator[_Item], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     while chunk := list(itertools.islice(items, batch_size)):
         yield torch.stack([i.image for i in chunk]), torch.tensor([i.label for i in chunk], dtype=torch.long)
+
+
+class ShardStream:
+    """Shards as the training loop's data: ``len`` and ``batch(idx)`` like an ``ImageCache``, but streamed.
+
+    The loop draws index batches from ``iterate_batches(len(stream), ...)`` and asks
+    ``batch(part)`` for each micro-batch. A stream has no random access, so the indices
+    only say *how many* samples come next: they are taken in the stream's own order
+    (shuffled per epoch with a buffer, see ``ShardSet.train_batches``). ``len`` is every
+    rank's epoch share times the world size, so each rank's index batches add up to
+    exactly one pass over its shards. Anything that needs a sample's identity (extend
+    mode's cached teacher outputs, a balanced sampler) cannot use a stream.
+    """
+
+    labels = None  # per-sample labels are not known ahead of the stream
+
+    def __init__(self, shards: ShardSet, label2id: dict[str, int], pp: Preprocess, val_fraction: float,
+                 seed: int, rank: int, world_size: int, num_threads: int, report: SkipReport,
+                 chunk: int = 64) -> None:
+        self.shards, self.world_size = shards, world_size
+        self._per_rank = shards.samples_per_rank(val_fraction, world_size)
+        self._batches = partial(shards.train_batches, label2id, pp, chunk, val_fraction, seed,
+                                rank=rank, world_size=world_size, num_threads=num_threads, report=report)
+        self._epochs = itertools.count(1)
+        self._source: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
+        self._images: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return self._per_rank * self.world_size
+
+    def label_counts(self, val_fraction: float) -> np.ndarray:
+        """Training samples per label (for class weights), from the index pass."""
+        return self.shards.label_counts("train", val_fraction)
+
+    def _take(self, n: int) -> None:
+        while sum(len(t) for t in self._images) < n:
+            nxt = next(self._source, None)
+            if nxt is None:  # this epoch's pass is used up: the next one, reshuffled
+                self._source = iter(self._batches(next(self._epochs)))
+                continue
+            self._images.append(nxt[0])
+            self._labels.append(nxt[1])
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``len(idx)`` samples: uint8 [b,3,S,S] at work size and long label ids."""
+        n = len(idx)
+        self._take(n)
+        images, labels = torch.cat(self._images), torch.cat(self._labels)
+        self._images, self._labels = [images[n:]], [labels[n:]]
+        return images[:n], labels[:n]
