@@ -49,8 +49,11 @@ def evaluate(run: Run, data: str, label: str | None = None, strict: bool = False
     else:
         if any(len(multilabel.sample_labels(s)) != 1 for s in source.samples):
             raise VitloraError(f"{data} has images with several (or no) labels; {run.run_dir} is a single-label run")
-        cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict,
-                                    draft=False)
+        if source.shards is not None:  # WebDataset shards: every sample, decoded as predict does
+            cache, report = source.shards.decode_split("all", label2id, run.preprocess, 0.0, draft=False)
+        else:
+            cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict,
+                                        draft=False)
         result = classification_report(_run_logits(run, cache, batch_size), cache.labels, run.id2label)
     result["skipped"] = report.count
     if report.count:
