@@ -248,3 +248,32 @@ def test_stream_feeds_the_loops_index_batches_one_pass_per_epoch(tmp_path: Path)
         epochs.append(seen)
     assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]  # same samples, reshuffled
     assert stream.label_counts(0.2).sum() == n_train
+
+
+def test_train_and_eval_on_shards_match_the_same_images_as_a_folder(tmp_path: Path, tiny_model: Path) -> None:
+    """`vitlora train shards/train-{...}.tar` streams; accuracy equals the same photos as a folder (± 0.02)."""
+    import json
+
+    from conftest import COLOURS, make_colour_images
+    from vitlora.cli import main
+
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    with wds.ShardWriter(str(tmp_path / "shards-%04d.tar"), maxcount=12, verbose=0) as sink:
+        for j, colour in enumerate(COLOURS):
+            for i, path in enumerate(make_colour_images(train_dir / colour, colour, 12, seed=j)):
+                sink.write({"__key__": f"{colour}{i:03d}", path.suffix[1:]: path.read_bytes(), "cls": colour.encode()})
+            make_colour_images(val_dir / colour, colour, 4, seed=10 + j)
+    spec = str(tmp_path / "shards-{0000..0002}.tar")
+    common = ["--model", str(tiny_model), "--val", str(val_dir), "--epochs", "3", "--batch-size", "8",
+              "--precision", "fp32", "--quiet", "--seed", "1"]
+    assert main(["train", spec, "--out", str(tmp_path / "from-shards"), *common]) == 0
+    assert main(["train", str(train_dir), "--out", str(tmp_path / "from-folder"), *common]) == 0
+    best = {}
+    for name in ("from-shards", "from-folder"):
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        best[name] = max(e["val_accuracy"] for e in m["epochs"])
+    assert best["from-shards"] >= 0.9 and abs(best["from-shards"] - best["from-folder"]) <= 0.02
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "from-shards"), spec, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 36
+    assert main(["train", spec, "--mode", "extend", "--out", str(tmp_path / "x"), *common]) == 2  # one line

@@ -119,7 +119,7 @@ def build_cache(samples: Sequence[Sample], label2id: dict[str, int], pp: Any, tr
 
 
 def is_multi_hot(cache: Any) -> bool:
-    return cache is not None and cache.labels.ndim == 2
+    return getattr(cache, "labels", None) is not None and cache.labels.ndim == 2
 
 
 # ---- training and metrics --------------------------------------------------------------

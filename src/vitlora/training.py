@@ -70,6 +70,11 @@ class Decoded:
     train: Any
     val: Any | None
     skipped: int
+    imprint: Any = None  # what new head rows are imprinted from (default: `train`; shards: a bounded sample)
+
+    @property
+    def sample(self) -> Any:
+        return self.imprint if self.imprint is not None else self.train
 
 
 def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool, locks: contextlib.ExitStack) -> Session:
@@ -97,12 +102,22 @@ def start(config: TrainConfig, overwrite: bool, resume: bool, progress: bool, lo
     return Session(config, rt, plan, checkpoint, progress, t_start)
 
 
-def find_data(config: TrainConfig) -> tuple[list[str], list[Any], list[Any]]:
-    """(labels, training samples, validation samples): `--val`, else a seeded stratified split of DATA."""
+def find_data(config: TrainConfig) -> tuple[list[str], Any, list[Any]]:
+    """(labels, training samples, validation samples): `--val`, else a seeded stratified split of DATA.
+
+    WebDataset shards come back as their `ShardSet` in place of the training samples (streamed, never
+    listed); their validation share is a key hash (`vitlora.data.webdataset`) unless `--val` is given.
+    """
     from . import multilabel as ml
     from .data import discover, stratified_split
 
     source = discover(config.data, label=config.label)
+    if source.shards is not None:
+        if config.resolved_mode == "extend":
+            raise VitloraError("WebDataset shards train in replace mode only (extend mode keeps every training "
+                               "image's base outputs, which a stream cannot)")
+        val = discover(config.val, label=config.label).samples if config.val else []
+        return list(source.labels), source.shards, val
     if ml.is_multi_label(source.samples):  # several labels per image: sigmoid + BCE (vitlora.multilabel)
         ml.check_mode(config.resolved_mode)
     if not config.val:
@@ -153,6 +168,8 @@ def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples:
     from . import multilabel as ml
     from .data import build_cache as single_label_cache
 
+    if not isinstance(train_samples, list):
+        return stream_shards(s, built, train_samples, val_samples)
     label2id, show = built.change.data_label2id(), s.progress and s.rt.is_main
     multi = ml.is_multi_label([*train_samples, *val_samples])
     build_cache = ml.build_cache if multi else single_label_cache  # multi-label: multi-hot float targets
@@ -171,6 +188,30 @@ def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples:
     return Decoded(train, val, train_report.count + (val_report.count if val_report else 0))
 
 
+def stream_shards(s: Session, built: Built, shards: Any, val_samples: list[Any]) -> Decoded:
+    """WebDataset shards: training images streamed each epoch (bounded memory), validation decoded once."""
+    from .data import SkipReport, build_cache
+    from .data.webdataset import ShardStream
+    from .runtime import usable_cores
+
+    label2id, vf = built.change.data_label2id(), 0.0 if val_samples else s.config.val_split
+    train_report = SkipReport()
+    train = ShardStream(shards, label2id, built.pp, vf, s.config.seed, s.rt.rank, s.rt.world_size,
+                        max(1, usable_cores() // 2), train_report)
+    if val_samples:
+        val, val_report = build_cache(val_samples, label2id, built.pp, train=False, strict=s.config.strict,
+                                      draft=False)
+    else:
+        val, val_report = (shards.decode_split("val", label2id, built.pp, vf, draft=False)
+                           if vf > 0 and shards.count("val", vf) else (None, None))
+    imprint, _ = shards.decode_split("train", label2id, built.pp, vf, train=True, per_label=32)
+    if val_report is not None and val_report.count:
+        s.log("warning: " + val_report.summary())
+    s.log(f"data: {len(train)} training images (streamed from {len(shards.shards)} shards each epoch), "
+          f"{len(val) if val is not None else 0} validation images, {len(label2id)} labels from {s.config.data}")
+    return Decoded(train, val, val_report.count if val_report else 0, imprint=imprint)
+
+
 def prepare_head(s: Session, built: Built, data: Decoded) -> Any:
     """New head rows start at class-mean features (both modes); extend mode's hook (None in replace mode)."""
     from .extend import prepare_extend
@@ -178,9 +219,9 @@ def prepare_head(s: Session, built: Built, data: Decoded) -> Any:
     from .multilabel import center_bias, is_multi_hot
 
     built.peft_model.to(s.rt.device)
-    base_out = imprint_new_rows(built.peft_model, built.change, data.train, built.pp, s.rt.device, s.log)
-    if base_out is not None and is_multi_hot(data.train):  # sigmoids start undecided (vitlora.multilabel)
-        center_bias(trainable_head(built.peft_model, built.change.head_name), base_out.features, data.train.labels)
+    base_out = imprint_new_rows(built.peft_model, built.change, data.sample, built.pp, s.rt.device, s.log)
+    if base_out is not None and is_multi_hot(data.sample):  # sigmoids start undecided (vitlora.multilabel)
+        center_bias(trainable_head(built.peft_model, built.change.head_name), base_out.features, data.sample.labels)
     if s.config.resolved_mode != "extend":
         return None
     return prepare_extend(built.peft_model, built.change, s.config, data.train, data.val, base_out, built.pp,
