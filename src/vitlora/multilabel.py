@@ -27,21 +27,10 @@ if TYPE_CHECKING:  # vitlora.data imports this module lazily (manifest parsing):
     from .data.samples import Sample
 
 PROBLEM_TYPE = "multi_label_classification"
-SEPARATOR = "|"
 DEFAULT_THRESHOLD = 0.5
 
 
 # ---- data ------------------------------------------------------------------------------
-
-
-def label_set(labels: Iterable[Any], where: str) -> tuple[str, ...]:
-    """Sorted unique label names of one manifest row; an empty name (`cat||dog`) is an error naming the row."""
-    names = []
-    for lab in labels:
-        if isinstance(lab, bool) or not isinstance(lab, (str, int)) or not str(lab).strip():
-            raise VitloraError(f"{where}: every label must be a non-empty string, got {lab!r}")
-        names.append(str(lab).strip())
-    return tuple(sorted(set(names)))
 
 
 def sample_labels(sample: Sample) -> tuple[str, ...]:

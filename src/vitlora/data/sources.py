@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from ..errors import VitloraError
 from .decode import printable
-from .samples import DataSource, Sample
+from .samples import SEPARATOR, DataSource, Sample, label_set
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Folders that archive tools / notebooks leave behind; never classes.
@@ -244,8 +244,6 @@ def _labelled(path: str, lab: str | list, where: str) -> Sample:
     """A manifest row: one label, or a label set (a `|`-separated field, a JSONL "labels" list)."""
     if isinstance(lab, str) and "|" not in lab:
         return Sample(path, lab)
-    from ..multilabel import SEPARATOR, label_set
-
     labels = label_set(lab.split(SEPARATOR) if isinstance(lab, str) else lab, where)
     return Sample(path, SEPARATOR.join(labels), labels=labels)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -20,6 +19,7 @@ import anyio.to_thread
 from PIL import Image
 
 from vitlora.errors import VitloraError
+from vitlora.serve.limits import ApiError, Limits
 from vitlora.serve.batching import BatcherClosed, BatchPool, MixedPredictFn, PredictionFailed, single
 
 DEFAULT_TOP_K = 5
@@ -44,37 +44,6 @@ class Adapter(Protocol):
     def predict(self, images: list[Image.Image], top_k: int) -> list[list[tuple[str, float]]]:
         """Blocking; called from one worker thread at a time, never concurrently."""
         ...
-
-
-class ApiError(VitloraError):
-    """An error answered to the client as ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-server bounds on memory, threads and time (see the module docstring)."""
-
-    max_upload_mb: float = 10.0
-    max_pixels: int = 40_000_000  # 120 MB as RGB; Pillow's own bomb limit is ~179 Mpx
-    max_decodes: int = 2
-    max_queue: int = 64
-    read_timeout_s: float = 60.0  # the whole body; 10 MB needs ~1.4 Mbit/s
-    retry_after_s: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("max_upload_mb", "max_pixels", "max_decodes", "max_queue", "read_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise VitloraError(f"{name} must be > 0, got {getattr(self, name)}")
-
-    @property
-    def upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
 
 
 def check_adapters(adapters: Sequence[Adapter]) -> dict[str, Adapter]:

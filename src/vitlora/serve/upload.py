@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from vitlora.data.decode import load_rgb
 from vitlora.errors import BadImageError
-from vitlora.serve.core import ApiError, Limits
+from vitlora.serve.limits import ApiError, Limits
 
 #: Formats we agree to decode (JPEG includes phones' MPO). Keeps PIL away from
 #: plugins that shell out (EPS -> Ghostscript) or that nobody sends to a classifier.
