@@ -60,7 +60,7 @@ from .extend_math import (
     new_class_margins,
     shift_metrics,
 )
-from .heads import BaseOutputs, base_outputs, eval_view, freeze_rows, new_ids_of, trainable_head
+from .heads import BaseOutputs, base_outputs, eval_view, freeze_rows, new_ids_of, reload_best, trainable_head
 from .inference import cache_logits
 
 LORA_LR_SCALE = 0.1  # extend mode: LoRA weights learn at this fraction of --lr unless --lora-lr-scale says otherwise
@@ -69,6 +69,15 @@ LORA_LR_SCALE = 0.1  # extend mode: LoRA weights learn at this fraction of --lr 
 def negatives_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of one epoch's walk through the negatives on one rank, derived from `--seed` (distinct per epoch and rank)."""
     return seed * 1_000_003 + epoch * 7919 + rank * 104_729
+
+
+def negative_indices(n: int, seed: int, epoch: int, rank: int, step: int, k: int) -> torch.Tensor:
+    """k of n negatives for this step: a walk through per-epoch permutations, stateless (resume-exact)."""
+    g = torch.Generator().manual_seed(negatives_seed(seed, epoch, rank))
+    start = step * k
+    reps = (start + k) // n + 1
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])
+    return order[start : start + k]
 
 
 def lora_lr_scale(config: Any) -> float:
@@ -151,21 +160,12 @@ class Extender:
                 head.bias[self.new_ids] = b.to(head.bias)
 
     # -- training --------------------------------------------------------------------
-    def _neg_indices(self, epoch: int, step: int, k: int) -> torch.Tensor:
-        """k negatives for this step: a walk through per-epoch permutations, stateless (resume-exact)."""
-        n = len(self.neg_train)
-        g = torch.Generator().manual_seed(negatives_seed(self.config.seed, epoch, self.rank))
-        start = step * k
-        reps = (start + k) // n + 1
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])
-        return order[start : start + k]
-
     def batch(self, x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, epoch: int,
               step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append this step's negatives (label -1, the un-augmented view the teacher saw); return the teacher's old-class logits."""
         teacher = [self.teacher_pos[idx.cpu()]]
         if self.neg_train is not None:
-            nidx = self._neg_indices(epoch, step, len(idx))
+            nidx = negative_indices(len(self.neg_train), self.config.seed, epoch, self.rank, step, len(idx))
             images, _ = self.neg_train.batch(nidx)
             xn = eval_view(images.to(x.device), self.pp)
             x = torch.cat([x, xn.to(x.dtype)])
@@ -209,9 +209,7 @@ class Extender:
 
         Returns what `vitlora.json` / `metrics.json` record under "extend". The caller saves the adapter.
         """
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, load_peft_weights(str(out), device="cpu"))
+        reload_best(self.model, out)
         summary: dict[str, Any] = {"negatives": self.config.negatives, "distill": self.config.distill,
                                    "teacher": "cached", "target_recall": self.config.target_recall}
         if self.val_cache is None or not len(self.val_cache):
@@ -308,28 +306,32 @@ def prepare_extend(peft_model: nn.Module, change: Any, config: Any, train_cache:
                    base: BaseOutputs, pp: Any, device: torch.device, log: Callable[[str], None],
                    progress: bool = False, rank: int = 0) -> Extender:
     """Everything extend mode needs before the first step: frozen old rows, negatives, teacher outputs."""
-    from .data import build_cache, expand_image_paths
-
     head = trainable_head(peft_model, change.head_name)
     freeze_rows(head.weight, change.base_num_labels)
     if head.bias is not None:
         freeze_rows(head.bias, change.base_num_labels)
-    neg_train = neg_val = None
-    if config.negatives:
-        paths = expand_image_paths([config.negatives])
-        train_paths, val_paths = split_negatives(paths, config.val_split, config.seed)
-        from .data import Sample
-
-        neg_train, rep = build_cache([Sample(p, None) for p in train_paths], None, pp, train=True,
-                                     strict=config.strict, progress=progress)
-        if rep.count:
-            log("warning: negatives: " + rep.summary())
-        if val_paths:
-            neg_val, rep = build_cache([Sample(p, None) for p in val_paths], None, pp, train=False,
-                                       strict=config.strict, progress=progress)
-            if rep.count:
-                log("warning: negatives: " + rep.summary())
-        log(f"negatives: {len(neg_train)} for training, {len(neg_val) if neg_val is not None else 0} held out, "
-            f"from {config.negatives}")
+    neg_train, neg_val = load_negatives(config, pp, log, progress)
     return Extender(peft_model, change, config, pp, device, train_cache, val_cache, base, neg_train, neg_val,
                     log, rank)
+
+
+def load_negatives(config: Any, pp: Any, log: Callable[[str], None], progress: bool = False) -> tuple[Any, Any]:
+    """(training, held-out) caches of `--negatives` (None, None without), split by `split_negatives`."""
+    from .data import Sample, build_cache, expand_image_paths
+
+    if not config.negatives:
+        return None, None
+    train_paths, val_paths = split_negatives(expand_image_paths([config.negatives]), config.val_split, config.seed)
+    neg_train, rep = build_cache([Sample(p, None) for p in train_paths], None, pp, train=True,
+                                 strict=config.strict, progress=progress)
+    if rep.count:
+        log("warning: negatives: " + rep.summary())
+    neg_val = None
+    if val_paths:
+        neg_val, rep = build_cache([Sample(p, None) for p in val_paths], None, pp, train=False,
+                                   strict=config.strict, progress=progress)
+        if rep.count:
+            log("warning: negatives: " + rep.summary())
+    log(f"negatives: {len(neg_train)} for training, {len(neg_val) if neg_val is not None else 0} held out, "
+        f"from {config.negatives}")
+    return neg_train, neg_val

@@ -115,3 +115,10 @@ def freeze_rows(param: nn.Parameter, n_old: int) -> None:
 
     param.register_hook(hook)
     param.no_weight_decay = True  # read by loop.make_optimizer: decoupled decay would shrink the frozen rows
+
+
+def reload_best(peft_model: nn.Module, out: Any) -> None:
+    """Put the best epoch's adapter (saved in the run folder `out`) back into the model."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, load_peft_weights(str(out), device="cpu"))

@@ -178,9 +178,15 @@ class RunWriter:
         write_json_atomic(self.out / METRICS, metrics_doc(state, {"precision": self.precision}))
         write_checkpoint(self.out, model, opt, sched, gen, state, config)
 
-    def extend_summary(self, peft_model: Any, summary: dict[str, Any], best_epoch: int) -> None:
-        """Extend mode's end: the calibrated adapter and its summary in `vitlora.json`."""
-        self.meta["extend"] = summary
+    def extend_summary(self, peft_model: Any, summary: dict[str, Any], best_epoch: int, key: str = "extend",
+                       labels_info: dict[str, Any] | None = None) -> None:
+        """Training's end: the calibrated adapter, its summary under `key` in `vitlora.json` (and new labels)."""
+        self.meta[key] = summary
+        if labels_info is not None:  # replace mode with --negatives: "unknown" appended
+            self.labels_info = labels_info
+            labels = [labels_info["id2label"][str(i)] for i in range(len(labels_info["id2label"]))]
+            self.meta.update(num_labels=len(labels), labels=labels if len(labels) <= 50 else None)
+            write_json_atomic(self.out / LABELS, labels_info)
         self.save_adapter(peft_model)
         write_json_atomic(self.out / RUN_MARKER, {**self.meta, "best_epoch": best_epoch})
 
@@ -193,7 +199,7 @@ class RunWriter:
         doc = metrics_doc(state, {"precision": self.precision, "wall_s": time.time() - t_start,
                                   "mean_images_per_s": sum(e["images_per_s"] for e in state.history)
                                   / max(1, len(state.history)),
-                                  **({"extend": meta["extend"]} if meta.get("extend") else {})})
+                                  **{k: meta[k] for k in ("extend", "calibration") if meta.get(k)}})
         write_json_atomic(self.out / METRICS, doc)
         plot_training_curves(state.history, self.out / CURVES)
         labels = [labels_info["id2label"][str(i)] for i in range(len(labels_info["id2label"]))]

@@ -16,7 +16,7 @@ from .modeling import load_run_model, quiet_transformers
 from .rundir import LABELS, PREPROCESSOR, check_destination, publish_dir, read_run_files, staging_dir, write_json_atomic
 from .runtime import autocast, pick_device, pick_precision
 
-__all__ = ["Prediction", "Run", "load", "predict_files", "read_run_files"]  # read_run_files: vitlora.serve uses it
+__all__ = ["Prediction", "Run", "load", "prediction", "predict_files", "read_run_files"]  # read_run_files: vitlora.serve uses it
 
 
 @dataclass
@@ -25,9 +25,20 @@ class Prediction:
 
     path: str
     top_k: list[tuple[str, float]]
+    rejected: bool | None = None  # runs trained with --negatives in replace mode: top-1 is "unknown"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "top_k": [{"label": lab, "score": score} for lab, score in self.top_k]}
+        out: dict[str, Any] = {"path": self.path,
+                               "top_k": [{"label": lab, "score": score} for lab, score in self.top_k]}
+        if self.rejected is not None:
+            out["rejected"] = self.rejected
+        return out
+
+
+def prediction(labels_info: dict[str, Any], path: str, top_k: list[tuple[str, float]]) -> Prediction:
+    """A Prediction, flagged `rejected` when the run has an "unknown" answer (labels.json "rejection")."""
+    rejection = labels_info.get("rejection")
+    return Prediction(path, top_k, top_k[0][0] == rejection["label"] if rejection else None)
 
 
 @dataclass
@@ -85,7 +96,7 @@ class Run:
                 batch = torch.stack([resize_for_eval(load_rgb(im), self.preprocess) for im in chunk])
                 probs = self.predict_pixels(normalize(batch, self.preprocess))
                 for i, tops in enumerate(top_k_predictions(probs, self.id2label, top_k)):
-                    out.append(Prediction(f"<image {start + i}>", tops))
+                    out.append(prediction(self.labels_info, f"<image {start + i}>", tops))
         paths = [str(p) for p in images if not isinstance(p, Image.Image)]
         if paths:
             out.extend(self.predict_decoded(stream_decoded(paths, self.preprocess, batch_size), top_k, skipped))
@@ -109,7 +120,7 @@ class Run:
                 continue
             probs = self.predict_pixels(normalize(batch, self.preprocess))
             for path, tops in zip(batch_paths, top_k_predictions(probs, self.id2label, top_k)):
-                out.append(Prediction(path, tops))
+                out.append(prediction(self.labels_info, path, tops))
         return out
 
     def merge(self, out_dir: str | Path, overwrite: bool = False) -> Path:

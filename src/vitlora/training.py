@@ -158,7 +158,10 @@ def prepare_head(s: Session, built: Built, data: Decoded) -> Any:
     built.peft_model.to(s.rt.device)
     base_out = imprint_new_rows(built.peft_model, built.change, data.train, built.pp, s.rt.device, s.log)
     if s.config.resolved_mode != "extend":
-        return None
+        from .reject import prepare_reject  # --negatives: outlier exposure, then an "unknown" answer
+
+        return prepare_reject(built.peft_model, s.config, data.val, built.pp, s.rt.device, s.log,
+                              s.progress and s.rt.is_main, s.rt.rank)
     return prepare_extend(built.peft_model, built.change, s.config, data.train, data.val, base_out, built.pp,
                           s.rt.device, s.log, s.progress and s.rt.is_main, s.rt.rank)
 
@@ -193,10 +196,20 @@ def run_files(s: Session, built: Built, data: Decoded) -> RunWriter:
     return RunWriter(s.out, meta, labels_info, built.processor, rt.precision)
 
 
-def finish(s: Session, writer: RunWriter, hook: Any, built: Built, state: TrainState) -> None:
-    """Extend mode: best epoch back and calibrated; then metrics, curves and model card."""
-    if hook is not None:
+def finish(s: Session, writer: RunWriter, hook: Any, built: Built, data: Decoded, state: TrainState) -> None:
+    """Best epoch back and calibrated (extend: out-of-fold threshold; replace: temperature, "unknown"); then
+    metrics, curves and model card."""
+    if s.config.resolved_mode == "extend":
         writer.extend_summary(built.peft_model, hook.finish(s.out), state.best_epoch)
+    else:
+        from .calibration import finish_replace
+        from .heads import reload_best, trainable_head
+
+        reload_best(built.peft_model, s.out)
+        summary, labels_info = finish_replace(built.peft_model, trainable_head(built.peft_model, built.change.head_name),
+                                              s.config, data.val, built.pp, s.rt.device, s.log, hook,
+                                              writer.labels_info)
+        writer.extend_summary(built.peft_model, summary, state.best_epoch, key="calibration", labels_info=labels_info)
     doc = writer.finish(state, s.t_start)
     acc = doc["best_val_accuracy"]
     s.log(f"saved run to {s.out} (best epoch {state.best_epoch}, "
@@ -230,7 +243,7 @@ def train_to_dir(
         state = fit(job, s.config, s.rt, writer, lora_lr_scale(s.config), s.checkpoint, progress, s.t_start,
                     on_epoch_end)
         if s.rt.is_main:
-            finish(s, writer, hook, built, state)
+            finish(s, writer, hook, built, data, state)
         barrier(s.rt)
     finally:
         teardown(s.rt)
