@@ -27,11 +27,14 @@ extend mode instead (the math is in `vitlora.extend_math`, the head helpers in `
   benchmark it gave the same recall / false positives / retention as on-the-fly teacher
   passes while training ~35 % faster (see the measurements in the project notes / PR).
   `--temperature` softens both sides of the KL (default 1).
-* **Calibration** (`calibrate_thresholds`): after training, each new class's bias is shifted
-  so that its held-out positives reach `--target-recall` (margin = its logit minus the best
-  old logit; threshold at the lower of the empirical quantile and a normal fit). Held-out
-  negatives are checked against that threshold, not used to move it; when some would still
-  be called the new class the recall target wins and the summary says what it costs.
+* **Calibration, out of fold** (`vitlora.crossfit`, default `--cv-folds 5`): after training,
+  the new rows are refitted by the linear probe per fold on all photos' trained features and
+  each new class's bias is shifted so that `--target-recall` of its out-of-fold margins
+  (margin = its logit minus the best old logit) pass, with the split-conformal finite-sample
+  rank; the summary is a cross-fitted estimate with its sample size. `--cv-folds 0` (or too
+  few photos) falls back to `calibrate_thresholds` on the held-out positives only: then
+  negatives are checked against the threshold, not used to move it, and the summary says
+  those photos set it.
 * **LoRA at a tenth of the learning rate** (`LORA_LR_SCALE`, `--lora-lr-scale`): Adam moves every LoRA weight
   by about the learning rate per step however small its gradient, and on ambiguous
   pictures (base top-1 probability ~0.3) that flips the old top-1 of 6-8 % of unseen
@@ -212,6 +215,18 @@ class Extender:
         reload_best(self.model, out)
         summary: dict[str, Any] = {"negatives": self.config.negatives, "distill": self.config.distill,
                                    "teacher": "cached", "target_recall": self.config.target_recall}
+        if self.config.target_recall is not None and self.config.cv_folds and self.new_ids:
+            from .crossfit import cross_fit, summary_lines
+
+            crossed = cross_fit(self)
+            if crossed is not None:
+                summary.update(crossed)
+                for line in summary_lines(summary, ", ".join(self.id2label[c] for c in self.new_ids)):
+                    self.log(line)
+                self._warn_no_negatives(summary)
+                return summary
+            self.log(f"warning: fewer photos of a new class than 2 folds need: threshold calibrated on the "
+                     "held-out photos only")
         if self.val_cache is None or not len(self.val_cache):
             summary["calibration"] = None
             self.log("warning: no held-out positives (--val-split 0 and no --val): the new classes' bias "
