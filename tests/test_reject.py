@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_colour_images
 
 from vitlora.calibration import (
     append_unknown_row,

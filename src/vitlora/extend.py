@@ -225,7 +225,7 @@ class Extender:
                     self.log(line)
                 self._warn_no_negatives(summary)
                 return summary
-            self.log(f"warning: fewer photos of a new class than 2 folds need: threshold calibrated on the "
+            self.log("warning: fewer photos of a new class than 2 folds need: threshold calibrated on the "
                      "held-out photos only")
         if self.val_cache is None or not len(self.val_cache):
             summary["calibration"] = None
