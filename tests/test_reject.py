@@ -178,6 +178,21 @@ def test_eval_reports_ece_reliability_png_and_rejection(reject_run: Path, colour
     assert 0 <= r["ece"] <= 1 and "ece" in printed
     assert 0 <= r["rejection_auroc"] <= 1 and 0 <= r["fpr_at_95_tpr"] <= 1 and r["n_negatives"] == 24
     assert 0 <= r["negatives_rejected"] <= 1 and 0 <= r["in_task_rejected"] <= 1
+    # by hand: max logit over the 3 task classes ("unknown", id 3, left out), in-task vs off-task
+    import vitlora
+    from vitlora.data import discover, expand_image_paths, load_rgb, normalize, resize_for_eval
+    from vitlora.metrics import auroc
+
+    run = vitlora.load(reject_run, precision="fp32")
+
+    def logits(paths):
+        x = torch.stack([resize_for_eval(load_rgb(str(p)), run.preprocess) for p in paths])
+        return run.logits(normalize(x, run.preprocess))
+
+    pos = logits([s.path for s in discover(str(colour_folder)).samples])
+    neg = logits(expand_image_paths([str(off_task)]))
+    assert r["rejection_auroc"] == pytest.approx(auroc(pos[:, :3].max(-1).values, neg[:, :3].max(-1).values), abs=1e-6)
+    assert r["negatives_rejected"] == pytest.approx(float((neg.argmax(-1) == 3).float().mean()))
     png = out.with_suffix(".reliability.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(b["count"] for b in r["reliability"]) == r["n_images"] == 48
