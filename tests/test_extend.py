@@ -184,6 +184,13 @@ def test_cross_fitted_metrics_threshold_from_other_folds():
     assert m["new_class_recall"] == {1: pytest.approx(3 / 4)}
     assert m["false_positive_rate"] == pytest.approx(1 / 4)
     assert m["retention"] == pytest.approx(3 / 4)
+    # + two stored exemplars of an earlier class (label -2, answer to keep: class 0), in fold 0 (threshold 3):
+    # new logit 10 is taken by the new class, -5 is kept; negatives' numbers do not change
+    m2 = cross_fitted_metrics(torch.zeros(10, 1), torch.cat([new, torch.tensor([[10.0], [-5.0]])]),
+                              torch.cat([labels, torch.tensor([-2, -2])]), torch.cat([folds, torch.tensor([0, 0])]),
+                              [1], 0.5, torch.zeros(6, dtype=torch.long))
+    assert m2["earlier_classes_kept"] == pytest.approx(1 / 2)
+    assert (m2["false_positive_rate"], m2["retention"]) == (m["false_positive_rate"], m["retention"])
 
 
 def test_make_negatives_splits_by_source_and_is_deterministic(tmp_path):
@@ -334,6 +341,16 @@ def test_stacking_two_extend_runs_keeps_old_and_first_classes(ext_run: Path, tin
     m = negative_metrics(stacked, str(greens), str(neg_folder / "b"), label="lime")
     assert set(m) >= {"new_class_recall", "false_positive_rate", "retention"}
     assert m["new_class_recall"]["mean"] >= 0.9
+    # the first run's stored exemplars of "raccoon" (all 16 photos) protect it in the stacked run
+    from safetensors.torch import load_file
+
+    first_ex = load_file(str(ext_run / "exemplars.safetensors"))
+    assert first_ex["labels"].tolist() == [8] * 16 and first_ex["features"].shape == (16, 32)
+    oof = meta["extend"]["out_of_fold"]
+    assert oof["n_exemplars"] == 16 and 0 <= oof["earlier_classes_kept"] <= 1
+    stacked_ex = load_file(str(out / "exemplars.safetensors"))
+    assert sorted(stacked_ex["labels"].tolist()) == [8] * 16 + [9] * 12  # inherited + its own
+    assert torch.equal(stacked_ex["features"][:16], first_ex["features"])
 
 
 def test_negative_metrics_match_hand_computation(ext_run: Path, red_folder: Path, neg_folder: Path, tiny_model):

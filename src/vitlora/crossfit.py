@@ -14,6 +14,14 @@ same photos says "recall 1.000" by construction. Instead, after training (best e
 4. the summary's recall / false-positive rate / retention are cross-fitted: each fold is
    scored with a threshold chosen on the other folds (`cross_fitted_metrics`).
 
+Stacking (`--model RUN_DIR`): each run stores up to `EXEMPLARS_PER_CLASS` head-input features
+of every class it added, plus those it inherited, in `exemplars.safetensors`. A later run
+loads them (`load_exemplars`) and treats them as negatives of its own new classes (label -2)
+in the linear probe, the out-of-fold refits and the final rows; the summary reports
+`earlier_classes_kept`, the out-of-fold share of them still answered with their own class.
+Their features were taken under the earlier run, i.e. the later run's starting point (its
+LoRA moves them a little).
+
 Caveat, said in the summary: LoRA itself saw every training photo, so the features are a
 little kinder to these photos than to fresh ones; the estimate is honest about the head and
 the threshold, not about the backbone.
@@ -35,8 +43,51 @@ from .extend_math import (
 from .heads import base_outputs, trainable_head
 
 
+EXEMPLARS = "exemplars.safetensors"
+EXEMPLARS_PER_CLASS = 64
+
+
+def load_exemplars(model: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features, class ids) an earlier extend run stored for the classes it added, if `model` is such a run."""
+    from pathlib import Path
+
+    path = Path(model) / EXEMPLARS
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    d = load_file(str(path))
+    return d["features"].float(), d["labels"].long()
+
+
+def save_exemplars(out: Any, feats: torch.Tensor, labels: torch.Tensor, new_ids: list[int],
+                   inherited: tuple[torch.Tensor, torch.Tensor] | None, seed: int) -> int:
+    """Store up to EXEMPLARS_PER_CLASS features per new class (seeded pick) plus the inherited ones; rows written."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    keep_f, keep_y = ([inherited[0]], [inherited[1]]) if inherited is not None else ([], [])
+    for cid in new_ids:
+        rows = (labels == cid).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)[:EXEMPLARS_PER_CLASS]]
+        keep_f.append(feats[rows])
+        keep_y.append(torch.full((len(rows),), cid, dtype=torch.long))
+    f, y = torch.cat(keep_f).float().contiguous(), torch.cat(keep_y).contiguous()
+    save_file({"features": f, "labels": y}, str(Path(out) / EXEMPLARS))
+    return len(y)
+
+
+def old_rows_logits(head: Any, n_old: int, feats: torch.Tensor) -> torch.Tensor:
+    """Old-class logits of head inputs under the (frozen) old rows."""
+    w, b = head.weight[:n_old].detach().float().cpu(), head.bias[:n_old].detach().float().cpu()
+    return feats @ w.T + b
+
+
 def _gather(ext: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(features, old-class logits, labels with -1 for negatives, base top-1 of the negatives) of every photo."""
+    """(features, old-class logits, labels: -1 negatives / -2 earlier classes' exemplars, the answer to keep for
+    each of those) of every photo."""
     parts = [(ext.train_cache, True, ext.train_cache.labels)]
     if ext.val_cache is not None and len(ext.val_cache):
         parts.append((ext.val_cache, False, ext.val_cache.labels))
@@ -53,6 +104,12 @@ def _gather(ext: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         feats.append(out.features)
         old.append(out.logits[:, : ext.n_old])
         labels.append(y.long())
+    if ext.exemplars is not None:
+        f, y = ext.exemplars
+        feats.append(f)
+        old.append(old_rows_logits(trainable_head(ext.model, ext.change.head_name), ext.n_old, f))
+        labels.append(torch.full((len(y),), -2, dtype=torch.long))
+        base_top1.append(y)
     return torch.cat(feats), torch.cat(old), torch.cat(labels), torch.cat(base_top1) if base_top1 else None
 
 
@@ -90,7 +147,11 @@ def cross_fit(ext: Any) -> dict[str, Any] | None:
     oof: dict[str, Any] = {"folds": k, "n_positives": sum(n_per_class), "n_negatives": int((labels < 0).sum()),
                            "new_class_recall": {**{ext.id2label[cid]: r for cid, r in rec.items()},
                                                 "mean": sum(rec.values()) / len(rec)}}
-    oof.update({key: metrics[key] for key in ("false_positive_rate", "retention") if key in metrics})
+    oof.update({key: metrics[key] for key in ("false_positive_rate", "retention", "earlier_classes_kept")
+                if key in metrics})
+    oof["n_negatives"] = int((labels == -1).sum())
+    oof["n_exemplars"] = int((labels == -2).sum())
+    oof["exemplars_saved"] = save_exemplars(ext.out, feats, labels, ext.new_ids, ext.exemplars, c.seed)
     return {"calibration": calibration, "out_of_fold": oof}
 
 
@@ -110,6 +171,9 @@ def summary_lines(s: dict[str, Any], names: str) -> list[str]:
     if "retention" in o:
         lines.append(f"  retention:           {o['retention']:.3f} on the same {o['n_negatives']} negatives "
                      "(share whose top-1 is still the base model's)")
+    if "earlier_classes_kept" in o:
+        lines.append(f"  earlier classes kept: {o['earlier_classes_kept']:.3f} of {o['n_exemplars']} stored exemplars "
+                     "of the classes earlier runs added (still answered with their own class)")
     for label, e in s["calibration"].items():
         lines.append(f"  threshold {label}: bias shifted by {e['bias_shift']:+.3f} so that {label} wins when its "
                      f"logit beats the best old class by > {e['threshold']:.2f} (conformal recall "

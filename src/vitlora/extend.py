@@ -64,6 +64,7 @@ from .extend_math import (
     shift_metrics,
 )
 from .heads import BaseOutputs, base_outputs, eval_view, freeze_rows, new_ids_of, reload_best, trainable_head
+from .crossfit import load_exemplars, old_rows_logits
 from .inference import cache_logits
 
 LORA_LR_SCALE = 0.1  # extend mode: LoRA weights learn at this fraction of --lr unless --lora-lr-scale says otherwise
@@ -139,11 +140,16 @@ class Extender:
         self.teacher_neg = None
         self.base_top1_neg_val = None
         feats, labels = base.features, train_cache.labels
+        self.exemplars = load_exemplars(config.model)  # stacking: the earlier runs' added classes
+        self.out = config.out
         if neg_train is not None:
             neg_base = base_outputs(peft_model, change.head_name, neg_train, pp, device, work_size=True)
             self.teacher_neg = neg_base.logits[:, : self.n_old]
             feats = torch.cat([feats, neg_base.features])
             labels = torch.cat([labels, torch.full((len(neg_train),), -1, dtype=labels.dtype)])
+        if self.exemplars is not None:  # negatives for the new rows (old logits: the frozen old rows)
+            feats = torch.cat([feats, self.exemplars[0]])
+            labels = torch.cat([labels, torch.full((len(self.exemplars[1]),), -2, dtype=labels.dtype)])
         if config.lp_steps and self.new_ids:
             self._linear_probe(feats, labels)
         if neg_val is not None:
@@ -153,7 +159,9 @@ class Extender:
     def _linear_probe(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         """Fit the new rows on the frozen base's features before any LoRA step (`extend_math.linear_probe`)."""
         head = trainable_head(self.model, self.change.head_name)
-        teacher = torch.cat([self.teacher_pos] + ([self.teacher_neg] if self.teacher_neg is not None else []))
+        teacher = torch.cat([self.teacher_pos] + ([self.teacher_neg] if self.teacher_neg is not None else [])
+                            + ([old_rows_logits(head, self.n_old, self.exemplars[0])] if self.exemplars is not None
+                               else []))
         bias = head.bias[self.new_ids] if head.bias is not None else torch.zeros(len(self.new_ids))
         w, b = linear_probe(feats, labels, teacher, head.weight[self.new_ids], bias, self.config.distill,
                             self.config.lp_steps, self.config.lp_lr, self.config.temperature)

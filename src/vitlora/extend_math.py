@@ -206,7 +206,8 @@ def cross_fitted_metrics(old_logits: torch.Tensor, new_logits: torch.Tensor, lab
 
     `new_logits` are out-of-fold already; for each fold the threshold comes from the other folds'
     margins (`new_class_shift`), so the estimate covers the choice of threshold too.
-    `labels` -1 are negatives (`base_top1` their base top-1 for retention, same order).
+    `labels` -1 are negatives, -2 stored exemplars of classes an earlier run added (`base_top1`:
+    for every row with label < 0 in order, the answer to keep: the base's top-1 / the earlier class).
     """
     n_old = old_logits.shape[1]
     margins = new_logits - old_logits.max(dim=-1, keepdim=True).values
@@ -217,9 +218,13 @@ def cross_fitted_metrics(old_logits: torch.Tensor, new_logits: torch.Tensor, lab
         pred[inside] = torch.cat([old_logits[inside], new_logits[inside] - t], dim=1).argmax(-1)
     out: dict[str, Any] = {"new_class_recall": {c: float((pred[labels == c] == c).float().mean())
                                                 for c in new_ids if bool((labels == c).any())}}
-    neg = labels < 0
+    neg = labels == -1
     if neg.any():
         out["false_positive_rate"] = float((pred[neg] >= n_old).float().mean())
-        if base_top1 is not None:
-            out["retention"] = float((pred[neg] == base_top1).float().mean())
+    if base_top1 is not None:
+        kept = pred[labels < 0] == base_top1
+        for key, code in (("retention", -1), ("earlier_classes_kept", -2)):
+            rows = labels[labels < 0] == code
+            if rows.any():
+                out[key] = float(kept[rows].float().mean())
     return out
