@@ -67,7 +67,8 @@ def test_unknown_row_wins_exactly_below_its_bias():
     assert float((logits.max(-1).values > b).float().mean()) >= 0.8
     append_unknown_row(head, b)
     out = head(x).detach()
-    assert out.shape == (50, 4) and torch.allclose(out[:, :3], logits) and torch.allclose(out[:, 3], torch.full((50,), b))
+    assert out.shape == (50, 4) and torch.allclose(out[:, :3], logits)
+    assert torch.allclose(out[:, 3], torch.full((50,), b))
     assert torch.equal(out.argmax(-1) == 3, logits.max(-1).values < b)
 
 

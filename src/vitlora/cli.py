@@ -165,7 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def format_eval(r: dict[str, Any]) -> str:
-    lines = [f"images: {r['n_images']} from {r.get('data')}" + (f" ({r['skipped']} skipped)" if r.get("skipped") else "")]
+    lines = [f"images: {r['n_images']} from {r.get('data')}"
+             + (f" ({r['skipped']} skipped)" if r.get("skipped") else "")]
     if r.get("n_negatives") is not None:
         lines.append(f"negatives: {r['n_negatives']} from {r['negatives']} (false positives, retention, rejection)")
     for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "nll", "ece",

@@ -176,7 +176,8 @@ class Extender:
         """Append this step's negatives (label -1, the un-augmented view the teacher saw); return the teacher's old-class logits."""
         teacher = [self.teacher_pos[idx.cpu()]]
         if self.neg_train is not None:
-            nidx = negative_indices(len(self.neg_train), self.config.seed, epoch, self.rank, step, len(idx))
+            nidx = negative_indices(len(self.neg_train), self.config.seed, epoch, self.rank, step,
+                                    len(idx))
             images, _ = self.neg_train.batch(nidx)
             xn = eval_view(images.to(x.device), self.pp)
             x = torch.cat([x, xn.to(x.dtype)])

@@ -206,9 +206,9 @@ def finish(s: Session, writer: RunWriter, hook: Any, built: Built, data: Decoded
         from .heads import reload_best, trainable_head
 
         reload_best(built.peft_model, s.out)
-        summary, labels_info = finish_replace(built.peft_model, trainable_head(built.peft_model, built.change.head_name),
-                                              s.config, data.val, built.pp, s.rt.device, s.log, hook,
-                                              writer.labels_info)
+        head = trainable_head(built.peft_model, built.change.head_name)
+        summary, labels_info = finish_replace(built.peft_model, head, s.config, data.val, built.pp, s.rt.device,
+                                              s.log, hook, writer.labels_info)
         writer.extend_summary(built.peft_model, summary, state.best_epoch, key="calibration", labels_info=labels_info)
     doc = writer.finish(state, s.t_start)
     acc = doc["best_val_accuracy"]
