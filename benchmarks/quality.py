@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="passed to vitlora train (default: its own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["all", "extend", "replace"], default="all")
+    ap.add_argument("--extend-runs", choices=["both", "with-negatives", "positives-only"], default="both",
+                    help="which extend scenarios to run")
     ap.add_argument("--quick", action="store_true", help="1 fold, 2 epochs")
     ap.add_argument("--json", default=None, help="write every number here")
     ap.add_argument("--workdir", default=None)
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         neg_test = cats[n:] + dogs[n:]
         base = base_top1(neg_test)
         inet = imagenet_labels()
-        for with_neg in (True, False):
+        for with_neg in {"both": (True, False), "with-negatives": (True,), "positives-only": (False,)}[a.extend_runs]:
             fold_rows = []
             for k in range(a.run_folds or a.folds):
                 test = pos[k::a.folds]
