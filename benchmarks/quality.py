@@ -9,9 +9,17 @@ Nothing is ever scored on photos that trained a run or chose its threshold, epoc
   retention (top-1 unchanged from the base model's) are measured on the test negatives only.
   ``../shared/data/imagenet-samples`` (500 labelled photos) gives the old classes' top-1 next to
   the base model's, and the share of them taken by the new label.
+  ECE (top-1 score, 15 equal-width bins, ``vitlora.metrics``) on the fold's raccoons and on the
+  ImageNet photos; ``oof_recall`` is what the run's own (out-of-fold) summary claimed, beside
+  the recall measured on the fold.
 * **replace** (``../shared/data/cat-breeds``, 5 breeds): a seeded stratified 80/20 split;
-  accuracy and ECE (top-1 score, 15 equal-width bins) on the 20 %, next to a linear probe
-  (logistic regression on the frozen base's features, trained on the same 80 %).
+  accuracy and ECE on the 20 %, next to a linear probe (logistic regression on the frozen
+  base's features, trained on the same 80 %).
+* **replace with negatives** ("none of these"): the same split trained with ``--negatives``
+  (half of the pets-negatives dogs and half of the ImageNet photos that are not domestic cats);
+  off-task test photos are the other dogs and ImageNet photos. ``vitlora eval --negatives``
+  gives the share of them answered "unknown", the in-task accuracy (drop against the run
+  without negatives) and the rejection AUROC.
 
 Runs go through the CLI exactly as a user runs them (``vitlora train``, ``vitlora predict --json``).
 Prints one markdown table; ``--json`` keeps every number. ``--quick``: 1 fold, 2 epochs, a smoke run.
@@ -84,16 +92,13 @@ def top1(row: dict[str, Any]) -> tuple[str, float]:
     return item["label"], float(item["score"])
 
 
-def ece(scores: list[float], correct: list[bool], bins: int = 15) -> float:
-    """Expected calibration error of the top-1 score, equal-width bins (Guo et al. 2017)."""
-    s, c = np.asarray(scores, float), np.asarray(correct, float)
-    edges = np.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (s > lo) & (s <= hi) if lo > 0 else (s >= lo) & (s <= hi)
-        if m.any():
-            total += m.mean() * abs(s[m].mean() - c[m].mean())
-    return float(total)
+def ece(scores: list[float], correct: list[bool]) -> float:
+    """Expected calibration error of the top-1 score (vitlora.metrics: 15 equal-width bins, Guo et al. 2017)."""
+    import torch
+
+    from vitlora.metrics import expected_calibration_error
+
+    return expected_calibration_error(torch.tensor(scores, dtype=torch.float64), torch.tensor(correct))
 
 
 def base_top1(files: list[Path]) -> dict[Path, str]:
@@ -143,7 +148,16 @@ def extend_fold(a, work: Path, fold: int, pos_train: list[Path], pos_test: list[
         "imagenet_top1": float(np.mean([top1(r)[0] == inet[k] for k, r in p_in.items()])),
         "imagenet_taken_by_new": float(np.mean([lab == "raccoon" for lab in inet_top1])),
         "ece_raccoon": ece([top1(r)[1] for r in p_pos.values()], [top1(r)[0] == "raccoon" for r in p_pos.values()]),
+        "ece_imagenet": ece([top1(r)[1] for r in p_in.values()], [top1(r)[0] == inet[k] for k, r in p_in.items()]),
+        "oof_recall": _claimed_recall(run),
     }
+
+
+def _claimed_recall(run: Path) -> float | None:
+    """The recall the run's own summary printed (out of fold where it cross-fitted, else held out)."""
+    ext = json.loads((run / "vitlora.json").read_text()).get("extend", {})
+    part = ext.get("out_of_fold") or ext.get("held_out") or {}
+    return (part.get("new_class_recall") or {}).get("mean")
 
 
 def linear_probe(train: list[tuple[Path, str]], test: list[tuple[Path, str]]) -> float:
@@ -173,32 +187,86 @@ def linear_probe(train: list[tuple[Path, str]], test: list[tuple[Path, str]]) ->
     return float((clf.predict(xte) == np.asarray(yte)).mean())
 
 
-def replace_breeds(a, work: Path) -> dict[str, Any]:
-    rng = random.Random(a.seed)
+DOMESTIC_CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}  # in-task for cat breeds
+
+
+def breeds_split(seed: int, cap: int | None = None) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Seeded 80/20 per breed; `cap` keeps only that many of each breed's 80 % for training (a cheaper run)."""
+    rng = random.Random(seed)
     train, test = [], []
     for cls in sorted(d for d in BREEDS.iterdir() if d.is_dir()):
         files = images(cls)
         rng.shuffle(files)
         cut = int(0.8 * len(files))
-        train += [(f, cls.name) for f in files[:cut]]
+        train += [(f, cls.name) for f in files[:cut][:cap]]
         test += [(f, cls.name) for f in files[cut:]]
-    data = work / "breeds-train"
-    for y in sorted({y for _, y in train}):
-        link_folder(data / y, [f for f, c in train if c == y])
-    run = work / "breeds-run"
+    return train, test
+
+
+def off_task_split(seed: int) -> tuple[list[Path], list[Path]]:
+    """(training negatives, test off-task photos) for the cat-breed task: dogs and non-cat ImageNet photos, halved."""
+    rng = random.Random(seed + 1)
+    other = images(PETS / "dog") + [p for p, lab in imagenet_labels().items() if lab not in DOMESTIC_CATS]
+    rng.shuffle(other)
+    return other[: len(other) // 2], other[len(other) // 2 :]
+
+
+def replace_breeds(a, work: Path, negatives: bool) -> dict[str, Any]:
+    train, test = breeds_split(a.seed, a.breeds_train_cap)
+    tag = "breeds-neg" if negatives else "breeds"
+    data, test_dir = work / "breeds-train", work / "breeds-test"
+    if not data.exists():
+        for y in sorted({y for _, y in train}):
+            link_folder(data / y, [f for f, c in train if c == y])
+            link_folder(test_dir / y, [f for f, c in test if c == y])
+    neg_train, off_test = off_task_split(a.seed)
+    run = work / f"{tag}-run"
     args = ["train", str(data), "--model", str(MODEL), "--out", str(run), "--seed", str(a.seed)]
-    cli(args + (["--epochs", str(a.epochs)] if a.epochs else []) + a.extra, work / "breeds-train.log")
-    truth = dict(test)
-    preds = predict(run, [f for f, _ in test], work, "breeds")
-    correct = [top1(r)[0] == truth[k] for k, r in preds.items()]
-    return {"run": "replace-cat-breeds", "n_train": len(train), "n_test": len(preds),
-            "accuracy": float(np.mean(correct)), "ece": ece([top1(r)[1] for r in preds.values()], correct),
-            "linear_probe_accuracy": linear_probe(train, test)}
+    if negatives:
+        link_folder(work / "breeds-neg-train", neg_train)
+        args += ["--negatives", str(work / "breeds-neg-train")]
+    cli(args + (["--epochs", str(a.epochs)] if a.epochs else []) + a.extra, work / f"{tag}-train.log")
+    off = work / f"{tag}-off-test"
+    link_folder(off, off_test)
+    out = work / f"{tag}-eval.json"
+    cli(["eval", str(run), str(test_dir), "--negatives", str(off), "--json", str(out)], work / f"{tag}-eval.log")
+    r = json.loads(out.read_text())
+    row = {"run": f"replace cat-breeds{' + negatives' if negatives else ''}", "n_train": len(train),
+           "n_test": r["n_images"], "n_off_task": r["n_negatives"], "accuracy": r["accuracy"], "ece": r["ece"],
+           "rejection_auroc": r["rejection_auroc"], "fpr_at_95_tpr": r["fpr_at_95_tpr"],
+           "temperature": json.loads((run / "vitlora.json").read_text()).get("calibration", {}).get("temperature")}
+    if negatives:
+        row.update(off_task_rejected=r["negatives_rejected"], in_task_rejected=r["in_task_rejected"])
+    else:
+        row["linear_probe_accuracy"] = linear_probe(train, test)
+    return row
+
+
+def base_row(inet: dict[Path, str]) -> dict[str, Any]:
+    """The base model on the ImageNet photos: top-1 and ECE of its own softmax (what extend mode must keep)."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from vitlora.data import Preprocess, normalize, stream_decoded
+
+    model = AutoModelForImageClassification.from_pretrained(MODEL).eval()
+    pp = Preprocess.from_pretrained(str(MODEL))
+    scores, correct = [], []
+    with torch.inference_mode():
+        for batch, paths, _ in stream_decoded([str(f) for f in inet], pp, 64):
+            if len(paths):
+                p = torch.softmax(model(pixel_values=normalize(batch, pp)).logits, -1).max(-1)
+                scores += p.values.tolist()
+                correct += [model.config.id2label[int(i)] == inet[Path(f)] for f, i in zip(paths, p.indices)]
+    return {"run": "base model (no training)", "n_imagenet": len(correct),
+            "imagenet_top1": float(np.mean(correct)), "ece_imagenet": ece(scores, correct)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["run", "n_pos", "n_neg", "recall", "false_positive_rate", "retention", "imagenet_top1",
-            "imagenet_taken_by_new", "ece_raccoon", "n_test", "accuracy", "ece", "linear_probe_accuracy"]
+    cols = ["run", "n_pos", "n_neg", "recall", "oof_recall", "false_positive_rate", "retention", "imagenet_top1",
+            "imagenet_taken_by_new", "ece_raccoon", "ece_imagenet", "n_test", "n_off_task", "accuracy", "ece",
+            "temperature", "off_task_rejected", "in_task_rejected", "rejection_auroc", "fpr_at_95_tpr",
+            "in_task_accuracy_drop", "linear_probe_accuracy"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -207,7 +275,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def mean_rows(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    keys = [k for k, v in rows[0].items() if isinstance(v, float) and all(isinstance(r.get(k), float) for r in rows)]
     out = {"run": name, "n_pos": sum(r["n_pos"] for r in rows), "n_neg": rows[0]["n_neg"]}
     out.update({k: float(np.mean([r[k] for r in rows])) for k in keys})
     return out
@@ -221,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="passed to vitlora train (default: its own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["all", "extend", "replace"], default="all")
+    ap.add_argument("--extend-runs", choices=["both", "with-negatives", "positives-only"], default="both",
+                    help="which extend scenarios to run")
+    ap.add_argument("--breeds-train-cap", type=int, default=None,
+                    help="train replace mode on at most this many photos per breed (test set unchanged)")
     ap.add_argument("--quick", action="store_true", help="1 fold, 2 epochs")
     ap.add_argument("--json", default=None, help="write every number here")
     ap.add_argument("--workdir", default=None)
@@ -244,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         neg_test = cats[n:] + dogs[n:]
         base = base_top1(neg_test)
         inet = imagenet_labels()
-        for with_neg in (True, False):
+        for with_neg in {"both": (True, False), "with-negatives": (True,), "positives-only": (False,)}[a.extend_runs]:
             fold_rows = []
             for k in range(a.run_folds or a.folds):
                 test = pos[k::a.folds]
@@ -254,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(fold_rows[-1:]), flush=True)
             rows += fold_rows
             rows.append(mean_rows(fold_rows, f"extend {'with' if with_neg else 'without'} negatives, mean"))
-        base_in = base_top1(images(IMAGENET))
-        rows.append({"run": "base model (no training)", "n_imagenet": len(base_in),
-                     "imagenet_top1": float(np.mean([base_in[Path(k)] == v for k, v in inet.items() if Path(k) in base_in]))})
+        rows.append(base_row(inet))
     if a.only in ("all", "replace"):
-        rows.append(replace_breeds(a, work))
+        for negatives in (False, True):
+            rows.append(replace_breeds(a, work, negatives))
+            print(table(rows[-1:]), flush=True)
+        plain, neg = rows[-2], rows[-1]
+        neg["in_task_accuracy_drop"] = plain["accuracy"] - neg["accuracy"]
     print(table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=1))

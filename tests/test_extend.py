@@ -134,6 +134,65 @@ def test_calibration_with_negatives_reports_conflict():
 # ---- negatives generator ----------------------------------------------------------------
 
 
+def test_fold_ids_balanced_and_seeded():
+    from vitlora.extend_math import fold_ids
+
+    f = fold_ids(23, 5, seed=3)
+    assert sorted(torch.bincount(f).tolist()) == [4, 4, 5, 5, 5]
+    assert torch.equal(f, fold_ids(23, 5, seed=3)) and not torch.equal(f, fold_ids(23, 5, seed=4))
+
+
+def test_conformal_threshold_uses_the_n_plus_1_rank():
+    m = torch.arange(1.0, 11.0)  # 10 margins 1..10
+    # plain: ceil(0.8 * 10) = 8th highest = 3; conformal: ceil(0.8 * 11) = 9th highest = 2
+    assert positive_threshold(m, 0.8) <= 3.0 - 1e-5 and positive_threshold(m, 0.8) > 2.0
+    t = positive_threshold(m, 0.8, conformal=True)
+    assert t <= 2.0 - 1e-5 and (m > t).sum() == 9
+
+
+def test_out_of_fold_logits_never_see_their_own_fold():
+    from vitlora.extend_math import fold_ids, out_of_fold_new_logits
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(30, 6, generator=g)
+    labels = torch.tensor([3] * 12 + [-1] * 18)
+    old = torch.randn(30, 3, generator=g)
+    folds = fold_ids(30, 3, seed=0)
+    w, b = torch.zeros(1, 6), torch.zeros(1)
+    a = out_of_fold_new_logits(feats, labels, old, folds, w, b, 1.0, 30, 0.05)
+    flipped = labels.clone()
+    flipped[folds == 0] = -1  # fold 0's own labels change: its logits must not
+    c = out_of_fold_new_logits(feats, flipped, old, folds, w, b, 1.0, 30, 0.05)
+    assert torch.equal(a[folds == 0], c[folds == 0])
+    assert not torch.equal(a[folds == 1], c[folds == 1])
+
+
+def test_cross_fitted_metrics_threshold_from_other_folds():
+    from vitlora.extend_math import cross_fitted_metrics
+
+    # 1 old class (logit 0) + 1 new class; margins are the new logits. Two folds.
+    new = torch.tensor([[5.0], [1.0], [4.0], [3.0], [-1.0], [0.5], [2.0], [-2.0]])
+    labels = torch.tensor([1, 1, 1, 1, -1, -1, -1, -1])
+    folds = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    old = torch.zeros(8, 1)
+    base_top1 = torch.zeros(4, dtype=torch.long)
+    m = cross_fitted_metrics(old, new, labels, folds, [1], 0.5, base_top1)
+    # fold 0 scored with fold 1's positives {4, 3}: conformal rank ceil(0.5 * 3) = 2nd highest = 3 (minus 1e-4,
+    # or lower by the normal fit 3.5 - 0*0.707 = 3.5 -> 3 - 1e-4): 5 passes, 1 not; negatives -1, 0.5 not
+    # fold 1 scored with fold 0's positives {5, 1}: 2nd highest = 1, normal fit 3 - 0 = 3 -> 1 - 1e-4:
+    # 4 and 3 pass; negatives 2 passes, -2 not
+    assert m["new_class_recall"] == {1: pytest.approx(3 / 4)}
+    assert m["false_positive_rate"] == pytest.approx(1 / 4)
+    assert m["retention"] == pytest.approx(3 / 4)
+    # + two stored exemplars of an earlier class (label -2, answer to keep: class 0), in fold 0 (threshold 3):
+    # new logit 10 is taken by the new class, -5 is kept; negatives' numbers do not change
+    m2 = cross_fitted_metrics(torch.zeros(10, 1), torch.cat([new, torch.tensor([[10.0], [-5.0]])]),
+                              torch.cat([labels, torch.tensor([-2, -2])]), torch.cat([folds, torch.tensor([0, 0])]),
+                              [1], 0.5, torch.zeros(6, dtype=torch.long))
+    assert m2["earlier_classes_kept"] == pytest.approx(1 / 2)
+    assert (m2["false_positive_rate"], m2["retention"]) == (m["false_positive_rate"], m["retention"])
+
+
 def test_make_negatives_splits_by_source_and_is_deterministic(tmp_path):
     pytest.importorskip("skimage")
     pytest.importorskip("sklearn")
@@ -168,12 +227,36 @@ def test_extend_run_records_metrics_and_calibration(ext_run: Path):
         assert 0 <= e["new_class_recall"] <= 1 and 0 <= e["false_positive_rate"] <= 1 and 0 <= e["retention"] <= 1
     ext = metrics["extend"]
     cal = ext["calibration"]["raccoon"]
-    assert cal["calibrated"] and cal["n_pos"] == 4 and cal["n_neg"] == 5
-    held = ext["held_out"]
-    assert held["new_class_recall"]["raccoon"] >= 0.95  # the calibration target, on the photos that set it
-    assert held["n_negatives"] == 5
+    # out of fold over ALL photos: 16 positives (train + held out), 20 negatives, 5 folds
+    assert cal["calibrated"] and cal["n_pos"] == 16 and "out-of-fold" in cal["method"]
+    oof = ext["out_of_fold"]
+    assert oof["folds"] == 5 and oof["n_positives"] == 16 and oof["n_negatives"] == 20
+    for key in ("false_positive_rate", "retention"):
+        assert 0 <= oof[key] <= 1
+    assert 0 <= oof["new_class_recall"]["raccoon"] <= 1
     meta = json.loads((ext_run / "vitlora.json").read_text())
     assert meta["extend"]["calibration"]["raccoon"]["bias_shift"] == pytest.approx(-cal["threshold"])
+
+
+def test_extend_held_out_calibration_when_cv_folds_0(tiny_model: Path, red_folder: Path, neg_folder: Path,
+                                                     tmp_path: Path, capsys):
+    out = tmp_path / "held"
+    assert run_cli("train", red_folder, "--label", "raccoon", "--model", tiny_model, "--out", out, "--negatives",
+                   neg_folder, "--val-split", "0.25", "--cv-folds", "0", *FAST) == 0
+    ext = json.loads((out / "metrics.json").read_text())["extend"]
+    cal = ext["calibration"]["raccoon"]
+    assert cal["calibrated"] and cal["n_pos"] == 4 and cal["n_neg"] == 5
+    assert ext["held_out"]["new_class_recall"]["raccoon"] >= 0.95  # the target, on the photos that set it
+    assert "these photos also set the threshold" in capsys.readouterr().err
+
+
+def test_summary_says_out_of_fold_with_sample_size(tiny_model: Path, red_folder: Path, neg_folder: Path,
+                                                   tmp_path: Path, capsys):
+    out = tmp_path / "oof"
+    assert run_cli("train", red_folder, "--label", "raccoon", "--model", tiny_model, "--out", out, "--negatives",
+                   neg_folder, "--val-split", "0.25", "--cv-folds", "4", *FAST) == 0
+    err = capsys.readouterr().err
+    assert "out of fold (4 folds over all 16 photos" in err and "on 16 photos" in err and "on 20 negatives" in err
 
 
 def test_extend_keeps_old_head_rows_exactly(ext_run: Path, tiny_model: Path):
@@ -258,6 +341,16 @@ def test_stacking_two_extend_runs_keeps_old_and_first_classes(ext_run: Path, tin
     m = negative_metrics(stacked, str(greens), str(neg_folder / "b"), label="lime")
     assert set(m) >= {"new_class_recall", "false_positive_rate", "retention"}
     assert m["new_class_recall"]["mean"] >= 0.9
+    # the first run's stored exemplars of "raccoon" (all 16 photos) protect it in the stacked run
+    from safetensors.torch import load_file
+
+    first_ex = load_file(str(ext_run / "exemplars.safetensors"))
+    assert first_ex["labels"].tolist() == [8] * 16 and first_ex["features"].shape == (16, 32)
+    oof = meta["extend"]["out_of_fold"]
+    assert oof["n_exemplars"] == 16 and 0 <= oof["earlier_classes_kept"] <= 1
+    stacked_ex = load_file(str(out / "exemplars.safetensors"))
+    assert sorted(stacked_ex["labels"].tolist()) == [8] * 16 + [9] * 12  # inherited + its own
+    assert torch.equal(stacked_ex["features"][:16], first_ex["features"])
 
 
 def test_negative_metrics_match_hand_computation(ext_run: Path, red_folder: Path, neg_folder: Path, tiny_model):
@@ -295,12 +388,6 @@ def test_eval_cli_with_negatives(ext_run: Path, red_folder: Path, neg_folder: Pa
         assert key in printed
     r = json.loads(out.read_text())
     assert r["accuracy"] == pytest.approx(r["new_class_recall"]["mean"])  # DATA holds only new-class photos
-
-
-def test_negatives_need_extend_mode(tiny_model: Path, colour_folder: Path, neg_folder: Path, tmp_path: Path, capsys):
-    assert run_cli("train", colour_folder, "--model", tiny_model, "--negatives", neg_folder,
-                   "--out", tmp_path / "x", *FAST) == 2
-    assert "--negatives is for extend mode" in capsys.readouterr().err
 
 
 def test_without_negatives_warns_and_says_fp_not_measured(tiny_model: Path, red_folder: Path, tmp_path: Path,

@@ -49,3 +49,43 @@ def test_top_k_predictions_sorted():
     probs = torch.tensor([[0.1, 0.6, 0.3]])
     assert top_k_predictions(probs, {0: "a", 1: "b", 2: "c"}, 2) == [[("b", pytest.approx(0.6)),
                                                                        ("c", pytest.approx(0.3))]]
+
+
+def test_ece_matches_hand_computation():
+    from vitlora.metrics import expected_calibration_error, reliability_bins
+
+    # bins of width 1/15: 0.05 -> bin 0, 0.5 -> bin 7 ((7/15, 8/15]), 0.9 and 0.93 -> bin 13 ((13/15, 14/15]),
+    # 1.0 -> bin 14; exactly 2/15 belongs to bin 1 ((1/15, 2/15])
+    scores = torch.tensor([0.05, 0.5, 0.5, 0.9, 0.93, 1.0, 2 / 15], dtype=torch.float64)
+    correct = torch.tensor([False, True, False, True, False, True, True])
+    bins = reliability_bins(scores, correct)
+    assert [b["count"] for b in bins] == [1, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 2, 1]
+    assert bins[13]["confidence"] == pytest.approx(0.915) and bins[13]["accuracy"] == 0.5
+    # hand: (1*|0.05-0| + 1*|2/15-1| + 2*|0.5-0.5| + 2*|0.915-0.5| + 1*|1-1|) / 7
+    expected = (0.05 + (1 - 2 / 15) + 0 + 2 * 0.415 + 0) / 7
+    assert expected_calibration_error(scores, correct) == pytest.approx(expected)
+    # a perfectly calibrated set scores 0, an always-wrong confident one scores its confidence
+    assert expected_calibration_error(torch.tensor([1.0, 1.0]), torch.tensor([True, True])) == 0.0
+    assert expected_calibration_error(torch.tensor([0.8, 0.8]), torch.tensor([False, False])) == pytest.approx(0.8)
+
+
+def test_report_has_ece_of_top1_softmax():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    targets = torch.tensor([0, 0, 0])
+    r = classification_report(logits, targets, {0: "a", 1: "b"})
+    p = torch.softmax(logits, -1).max(-1).values
+    # each score in its own bin: |p0 - 1| + |p1 - 0| + |p2 - 1|, over 3
+    assert r["ece"] == pytest.approx(float((1 - p[0]) + p[1] + (1 - p[2])) / 3, rel=1e-5)
+
+
+def test_auroc_and_fpr_at_tpr_by_hand():
+    from vitlora.metrics import auroc, fpr_at_tpr
+
+    pos = torch.tensor([0.9, 0.8, 0.4, 0.7])
+    neg = torch.tensor([0.1, 0.4, 0.85])
+    # pairs (p > n): 0.9: 3; 0.8: 2; 0.4: 1 + tie 0.5; 0.7: 2 -> 8.5 of 12
+    assert auroc(pos, neg) == pytest.approx(8.5 / 12)
+    # keeping >= 95 % of 4 positives needs all 4: threshold 0.4 -> negatives >= 0.4: 0.4 and 0.85
+    assert fpr_at_tpr(pos, neg, 0.95) == pytest.approx(2 / 3)
+    # 75 %: threshold 0.7 -> only 0.85
+    assert fpr_at_tpr(pos, neg, 0.75) == pytest.approx(1 / 3)

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--label", help="class name when DATA is a flat folder")
-    p.add_argument("--negatives", metavar="DIR", help="unlabelled photos of other things (extend-mode checks)")
+    p.add_argument("--negatives", metavar="DIR", help="unlabelled photos of other things: extend mode's false "
+                   "positives and retention, replace mode's rejection AUROC")
     p.add_argument("--json", metavar="OUT.json", help="write all metrics as JSON")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--device", default="auto")
@@ -174,14 +175,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
+        if result.get("reliability"):
+            from .plots import plot_reliability
+
+            png = Path(args.json).with_suffix(".reliability.png")
+            plot_reliability(result["reliability"], result["ece"], result["n_images"], png)
+            print(f"wrote {png} (reliability diagram)")
     return 0
 
 
 def format_eval(r: dict[str, Any]) -> str:
-    lines = [f"images: {r['n_images']}" + (f" ({r['skipped']} skipped)" if r.get("skipped") else "")]
+    lines = [f"images: {r['n_images']} from {r.get('data')}"
+             + (f" ({r['skipped']} skipped)" if r.get("skipped") else "")]
+    if r.get("n_negatives") is not None:
+        lines.append(f"negatives: {r['n_negatives']} from {r['negatives']} (false positives, retention, rejection)")
     for key in ("mean_average_precision", "subset_accuracy", "bce",  # multi-label runs (vitlora.multilabel)
-                "accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "nll",
-                "new_class_recall", "false_positive_rate", "retention"):
+                "accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "nll", "ece",
+                "new_class_recall", "false_positive_rate", "retention", "rejection_auroc", "fpr_at_95_tpr",
+                "negatives_rejected", "in_task_rejected"):
         value = r.get(key)
         if isinstance(value, dict):
             value = value.get("mean")
@@ -214,7 +225,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             from .export import export_run
 
             print(export_run(args.run_dir, args.onnx, int8=True).describe(), file=sys.stderr)
-        predictions = _predict_onnx(args.onnx, paths, args.top_k, args.batch_size, skipped, args.int8 or None)
+        predictions = _predict_onnx(args.onnx, paths, args.top_k, args.batch_size, skipped, args.int8 or None,
+                                    args.run_dir)
     else:
         from .run import predict_files
 
@@ -236,6 +248,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"  {rank}. {item['label'][:40]:<40} {100 * item['score']:6.2f}%")
             if "labels" in row:  # multi-label run: every label over its threshold
                 print(f"  labels: {', '.join(row['labels']) or '(none)'}")
+            if row.get("rejected"):
+                print("  rejected: none of the trained classes")
     if args.json or args.csv:
         print(f"wrote {len(rows)} predictions to {shown_path(args.json or args.csv)}")
     if skipped:
@@ -264,19 +278,23 @@ def shown_path(path: str) -> str:
 
 
 def _predict_onnx(export_dir: str, paths: list[str], top_k: int, batch_size: int,
-                  skipped: list[tuple[str, str]], int8: bool | None = None) -> list[Any]:
+                  skipped: list[tuple[str, str]], int8: bool | None = None, run_dir: str = "") -> list[Any]:
     from .data import Preprocess, normalize, stream_decoded
     from .export import open_export
-    from .run import Prediction
+    from .run import prediction
 
     predictor = open_export(export_dir, int8=int8)
     pp = Preprocess.from_pretrained(export_dir)
+    # the "unknown" answer is recorded in the run's labels.json (the export's lists only the labels)
+    labels_file = next((f for f in (Path(run_dir) / "labels.json", Path(export_dir) / "labels.json")
+                        if f.is_file()), None)
+    labels_info = json.loads(labels_file.read_text()) if labels_file else {}
     out = []
     for batch, batch_paths, report in stream_decoded(paths, pp, batch_size):
         skipped.extend(report.skipped)
         if len(batch_paths):
             for path, tops in zip(batch_paths, predictor.predict_pixels(normalize(batch, pp), top_k)):
-                out.append(Prediction(path, tops))
+                out.append(prediction(labels_info, path, tops))
     return out
 
 
@@ -287,13 +305,14 @@ def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    header = ["path"]
+    flag = any("rejected" in row for row in rows)  # runs with an "unknown" answer
+    header = ["path"] + (["rejected"] if flag else [])
     for i in range(1, k + 1):
         header += [f"label_{i}", f"score_{i}"]
     multi = any("labels" in row for row in rows)  # multi-label run: a last column "a|b" of labels over threshold
     writer.writerow(header + ["labels"] * multi)
     for row in rows:
-        cells = [row["path"]]
+        cells = [row["path"]] + ([str(bool(row.get("rejected"))).lower()] if flag else [])
         for item in row["top_k"]:
             cells += [item["label"], f"{item['score']:.6f}"]
         if multi:

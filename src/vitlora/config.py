@@ -36,9 +36,9 @@ class TrainConfig:
     data: str = _f("", "training data: an ImageFolder (one sub-folder per class), a flat folder of one class with "
                        "--label, a CSV/JSONL manifest of path,label, or hf:NAME[:CONFIG]/SPLIT")
     val: str | None = _f(None, "validation data (default: hold out --val-split of DATA)")
-    negatives: str | None = _f(None, "extend mode: unlabelled photos of other things (any folder tree), so the model "
-                                     "learns where the new classes end; `python -m vitlora.negatives DIR` makes a "
-                                     "starter set")
+    negatives: str | None = _f(None, "unlabelled photos of other things (any folder tree): extend mode learns where "
+                                     "the new classes end; replace mode learns to answer 'unknown' for them; "
+                                     "`python -m vitlora.negatives DIR` makes a starter set")
     model: str = _f(DEFAULT_MODEL, "hub id or local folder of the base model, or an earlier run to stack on")
     out: str | None = _f(None, "run directory to write (default runs/<data>-<label|mode>)")
     mode: str | None = _f(None, "replace: new head for the data's labels; extend: keep the base classes and add "
@@ -80,6 +80,14 @@ class TrainConfig:
     lp_steps: int = _f(100, "extend mode: Adam steps of the linear probe that fits the new head rows on the frozen "
                             "base's features before LoRA training (0: off)")
     lp_lr: float = _f(0.05, "extend mode: learning rate of that linear probe")
+    # honest probabilities, out-of-fold thresholds, "unknown" (see vitlora.calibration, vitlora.reject)
+    no_calibrate: bool = _f(False, "replace mode: keep the raw probabilities (by default a temperature fitted on the "
+                                   "validation split is folded into the head)")
+    cv_folds: int = _f(5, "extend mode: folds over all photos for the out-of-fold threshold and summary (0: "
+                          "calibrate on the held-out photos only)")
+    oe_weight: float = _f(0.5, "replace mode with --negatives: weight of the outlier-exposure loss on negatives")
+    unknown_keep: float = _f(0.95, "replace mode with --negatives: share of validation photos that keep their answer "
+                                   "when the 'unknown' answer is placed")
 
     def __post_init__(self) -> None:
         override = os.environ.get(ACTIVATION_MB_ENV)
@@ -112,8 +120,6 @@ class TrainConfig:
         for ok, message in self._range_checks():
             if not ok:
                 raise VitloraError(message)
-        if self.negatives and self.resolved_mode == "replace":
-            raise VitloraError("--negatives is for extend mode (--label NAME, or --mode extend for an ImageFolder)")
         unknown = [t for t in self.targets if t not in SEMANTIC_TARGETS]
         if not self.targets or unknown:
             raise VitloraError(
@@ -142,6 +148,9 @@ class TrainConfig:
             (self.lora_lr_scale is None or self.lora_lr_scale > 0, "--lora-lr-scale must be positive"),
             (self.lp_steps >= 0, "--lp-steps must be non-negative"),
             (self.lp_lr > 0, "--lp-lr must be positive"),
+            (self.cv_folds == 0 or self.cv_folds >= 2, "--cv-folds must be 0 or at least 2"),
+            (self.oe_weight >= 0, "--oe-weight must be non-negative"),
+            (0 < self.unknown_keep < 1, "--unknown-keep must be in (0, 1)"),
         ]
 
     def to_dict(self) -> dict[str, Any]:

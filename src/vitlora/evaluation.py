@@ -14,7 +14,7 @@ from . import multilabel
 from .errors import VitloraError
 from .extend_math import shift_metrics
 from .inference import batched_logits
-from .metrics import classification_report
+from .metrics import auroc, classification_report, fpr_at_tpr, reliability_bins
 from .run import Run
 from .surgery import normalize_label
 
@@ -54,7 +54,11 @@ def evaluate(run: Run, data: str, label: str | None = None, strict: bool = False
         else:
             cache, report = build_cache(source.samples, label2id, run.preprocess, train=False, strict=strict,
                                         draft=False)
-        result = classification_report(_run_logits(run, cache, batch_size), cache.labels, run.id2label)
+        logits = _run_logits(run, cache, batch_size)
+        result = classification_report(logits, cache.labels, run.id2label)
+        if len(cache):  # the reliability diagram's bins (top-1 softmax score against accuracy)
+            result["reliability"] = reliability_bins(torch.softmax(logits, -1).max(-1).values,
+                                                     logits.argmax(-1) == cache.labels)
     result["skipped"] = report.count
     if report.count:
         result["skipped_files"] = [{"path": p, "reason": r} for p, r in report.skipped[:20]]
@@ -79,7 +83,7 @@ def negative_metrics(run: Run, data: str, negatives_dir: str, label: str | None 
     from .modeling import load_base
 
     if run.labels_info.get("mode", run.settings.get("mode")) != "extend":
-        raise VitloraError("--negatives is for runs trained in extend mode (the base's classes kept)")
+        return rejection_metrics(run, data, negatives_dir, label, batch_size)
     n_old = int(run.labels_info["base_num_labels"])
     label2id = {lab: i for i, lab in run.id2label.items()}
     new_ids = [label2id[lab] for lab in run.new_labels]
@@ -113,3 +117,34 @@ def negative_metrics(run: Run, data: str, negatives_dir: str, label: str | None 
         "false_positives_by_class": {run.id2label[c]: int((pred == c).sum()) for c in new_ids},
         "negatives": negatives_dir,
     }
+
+
+def rejection_metrics(run: Run, data: str, negatives_dir: str, label: str | None = None,
+                      batch_size: int = 64) -> dict[str, Any]:
+    """`eval --negatives` in replace mode: how well the run tells its task's photos (DATA) from other photos.
+
+    The score is the max logit over the task's classes ("unknown" left out): the run answers
+    "unknown" exactly when it is below the unknown row's bias, and for a run trained without
+    negatives it is the usual max-logit out-of-distribution score. `rejection_auroc` and
+    `fpr_at_95_tpr` (share of negatives scoring at least as high as the 95 % of DATA kept) are
+    threshold-free; `negatives_rejected` / `in_task_rejected` are the run's own answers.
+    """
+    from .data import Sample, build_cache, discover, expand_image_paths
+
+    rejection = run.labels_info.get("rejection")
+    task = [i for i in sorted(run.id2label) if not rejection or i != rejection["id"]]
+    source = discover(data, label=label)
+    cache, _ = build_cache(source.samples, data_label_ids(run, source.labels), run.preprocess, train=False)
+    neg_cache, report = build_cache([Sample(p, None) for p in expand_image_paths([negatives_dir])], None,
+                                    run.preprocess, train=False)
+    if not len(cache) or not len(neg_cache):
+        raise VitloraError("--negatives needs readable photos both in DATA and in the negatives folder")
+    pos, neg = _run_logits(run, cache, batch_size), _run_logits(run, neg_cache, batch_size)
+    s_pos, s_neg = pos[:, task].max(-1).values, neg[:, task].max(-1).values
+    out: dict[str, Any] = {"rejection_auroc": auroc(s_pos, s_neg), "fpr_at_95_tpr": fpr_at_tpr(s_pos, s_neg, 0.95),
+                           "n_negatives": len(neg_cache), "negatives_skipped": report.count,
+                           "negatives": negatives_dir}
+    if rejection:
+        out["negatives_rejected"] = float((neg.argmax(-1) == rejection["id"]).float().mean())
+        out["in_task_rejected"] = float((pos.argmax(-1) == rejection["id"]).float().mean())
+    return out

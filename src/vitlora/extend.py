@@ -27,11 +27,14 @@ extend mode instead (the math is in `vitlora.extend_math`, the head helpers in `
   benchmark it gave the same recall / false positives / retention as on-the-fly teacher
   passes while training ~35 % faster (see the measurements in the project notes / PR).
   `--temperature` softens both sides of the KL (default 1).
-* **Calibration** (`calibrate_thresholds`): after training, each new class's bias is shifted
-  so that its held-out positives reach `--target-recall` (margin = its logit minus the best
-  old logit; threshold at the lower of the empirical quantile and a normal fit). Held-out
-  negatives are checked against that threshold, not used to move it; when some would still
-  be called the new class the recall target wins and the summary says what it costs.
+* **Calibration, out of fold** (`vitlora.crossfit`, default `--cv-folds 5`): after training,
+  the new rows are refitted by the linear probe per fold on all photos' trained features and
+  each new class's bias is shifted so that `--target-recall` of its out-of-fold margins
+  (margin = its logit minus the best old logit) pass, with the split-conformal finite-sample
+  rank; the summary is a cross-fitted estimate with its sample size. `--cv-folds 0` (or too
+  few photos) falls back to `calibrate_thresholds` on the held-out positives only: then
+  negatives are checked against the threshold, not used to move it, and the summary says
+  those photos set it.
 * **LoRA at a tenth of the learning rate** (`LORA_LR_SCALE`, `--lora-lr-scale`): Adam moves every LoRA weight
   by about the learning rate per step however small its gradient, and on ambiguous
   pictures (base top-1 probability ~0.3) that flips the old top-1 of 6-8 % of unseen
@@ -60,7 +63,8 @@ from .extend_math import (
     new_class_margins,
     shift_metrics,
 )
-from .heads import BaseOutputs, base_outputs, eval_view, freeze_rows, new_ids_of, trainable_head
+from .heads import BaseOutputs, base_outputs, eval_view, freeze_rows, new_ids_of, reload_best, trainable_head
+from .crossfit import load_exemplars, old_rows_logits
 from .inference import cache_logits
 
 LORA_LR_SCALE = 0.1  # extend mode: LoRA weights learn at this fraction of --lr unless --lora-lr-scale says otherwise
@@ -69,6 +73,15 @@ LORA_LR_SCALE = 0.1  # extend mode: LoRA weights learn at this fraction of --lr 
 def negatives_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of one epoch's walk through the negatives on one rank, derived from `--seed` (distinct per epoch and rank)."""
     return seed * 1_000_003 + epoch * 7919 + rank * 104_729
+
+
+def negative_indices(n: int, seed: int, epoch: int, rank: int, step: int, k: int) -> torch.Tensor:
+    """k of n negatives for this step: a walk through per-epoch permutations, stateless (resume-exact)."""
+    g = torch.Generator().manual_seed(negatives_seed(seed, epoch, rank))
+    start = step * k
+    reps = (start + k) // n + 1
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])
+    return order[start : start + k]
 
 
 def lora_lr_scale(config: Any) -> float:
@@ -127,11 +140,16 @@ class Extender:
         self.teacher_neg = None
         self.base_top1_neg_val = None
         feats, labels = base.features, train_cache.labels
+        self.exemplars = load_exemplars(config.model)  # stacking: the earlier runs' added classes
+        self.out = config.out
         if neg_train is not None:
             neg_base = base_outputs(peft_model, change.head_name, neg_train, pp, device, work_size=True)
             self.teacher_neg = neg_base.logits[:, : self.n_old]
             feats = torch.cat([feats, neg_base.features])
             labels = torch.cat([labels, torch.full((len(neg_train),), -1, dtype=labels.dtype)])
+        if self.exemplars is not None:  # negatives for the new rows (old logits: the frozen old rows)
+            feats = torch.cat([feats, self.exemplars[0]])
+            labels = torch.cat([labels, torch.full((len(self.exemplars[1]),), -2, dtype=labels.dtype)])
         if config.lp_steps and self.new_ids:
             self._linear_probe(feats, labels)
         if neg_val is not None:
@@ -141,7 +159,9 @@ class Extender:
     def _linear_probe(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         """Fit the new rows on the frozen base's features before any LoRA step (`extend_math.linear_probe`)."""
         head = trainable_head(self.model, self.change.head_name)
-        teacher = torch.cat([self.teacher_pos] + ([self.teacher_neg] if self.teacher_neg is not None else []))
+        teacher = torch.cat([self.teacher_pos] + ([self.teacher_neg] if self.teacher_neg is not None else [])
+                            + ([old_rows_logits(head, self.n_old, self.exemplars[0])] if self.exemplars is not None
+                               else []))
         bias = head.bias[self.new_ids] if head.bias is not None else torch.zeros(len(self.new_ids))
         w, b = linear_probe(feats, labels, teacher, head.weight[self.new_ids], bias, self.config.distill,
                             self.config.lp_steps, self.config.lp_lr, self.config.temperature)
@@ -151,21 +171,13 @@ class Extender:
                 head.bias[self.new_ids] = b.to(head.bias)
 
     # -- training --------------------------------------------------------------------
-    def _neg_indices(self, epoch: int, step: int, k: int) -> torch.Tensor:
-        """k negatives for this step: a walk through per-epoch permutations, stateless (resume-exact)."""
-        n = len(self.neg_train)
-        g = torch.Generator().manual_seed(negatives_seed(self.config.seed, epoch, self.rank))
-        start = step * k
-        reps = (start + k) // n + 1
-        order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])
-        return order[start : start + k]
-
     def batch(self, x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, epoch: int,
               step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append this step's negatives (label -1, the un-augmented view the teacher saw); return the teacher's old-class logits."""
         teacher = [self.teacher_pos[idx.cpu()]]
         if self.neg_train is not None:
-            nidx = self._neg_indices(epoch, step, len(idx))
+            nidx = negative_indices(len(self.neg_train), self.config.seed, epoch, self.rank, step,
+                                    len(idx))
             images, _ = self.neg_train.batch(nidx)
             xn = eval_view(images.to(x.device), self.pp)
             x = torch.cat([x, xn.to(x.dtype)])
@@ -209,11 +221,21 @@ class Extender:
 
         Returns what `vitlora.json` / `metrics.json` record under "extend". The caller saves the adapter.
         """
-        from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, load_peft_weights(str(out), device="cpu"))
+        reload_best(self.model, out)
         summary: dict[str, Any] = {"negatives": self.config.negatives, "distill": self.config.distill,
                                    "teacher": "cached", "target_recall": self.config.target_recall}
+        if self.config.target_recall is not None and self.config.cv_folds and self.new_ids:
+            from .crossfit import cross_fit, summary_lines
+
+            crossed = cross_fit(self)
+            if crossed is not None:
+                summary.update(crossed)
+                for line in summary_lines(summary, ", ".join(self.id2label[c] for c in self.new_ids)):
+                    self.log(line)
+                self._warn_no_negatives(summary)
+                return summary
+            self.log("warning: fewer photos of a new class than 2 folds need: threshold calibrated on the "
+                     "held-out photos only")
         if self.val_cache is None or not len(self.val_cache):
             summary["calibration"] = None
             self.log("warning: no held-out positives (--val-split 0 and no --val): the new classes' bias "
@@ -308,28 +330,32 @@ def prepare_extend(peft_model: nn.Module, change: Any, config: Any, train_cache:
                    base: BaseOutputs, pp: Any, device: torch.device, log: Callable[[str], None],
                    progress: bool = False, rank: int = 0) -> Extender:
     """Everything extend mode needs before the first step: frozen old rows, negatives, teacher outputs."""
-    from .data import build_cache, expand_image_paths
-
     head = trainable_head(peft_model, change.head_name)
     freeze_rows(head.weight, change.base_num_labels)
     if head.bias is not None:
         freeze_rows(head.bias, change.base_num_labels)
-    neg_train = neg_val = None
-    if config.negatives:
-        paths = expand_image_paths([config.negatives])
-        train_paths, val_paths = split_negatives(paths, config.val_split, config.seed)
-        from .data import Sample
-
-        neg_train, rep = build_cache([Sample(p, None) for p in train_paths], None, pp, train=True,
-                                     strict=config.strict, progress=progress)
-        if rep.count:
-            log("warning: negatives: " + rep.summary())
-        if val_paths:
-            neg_val, rep = build_cache([Sample(p, None) for p in val_paths], None, pp, train=False,
-                                       strict=config.strict, progress=progress)
-            if rep.count:
-                log("warning: negatives: " + rep.summary())
-        log(f"negatives: {len(neg_train)} for training, {len(neg_val) if neg_val is not None else 0} held out, "
-            f"from {config.negatives}")
+    neg_train, neg_val = load_negatives(config, pp, log, progress)
     return Extender(peft_model, change, config, pp, device, train_cache, val_cache, base, neg_train, neg_val,
                     log, rank)
+
+
+def load_negatives(config: Any, pp: Any, log: Callable[[str], None], progress: bool = False) -> tuple[Any, Any]:
+    """(training, held-out) caches of `--negatives` (None, None without), split by `split_negatives`."""
+    from .data import Sample, build_cache, expand_image_paths
+
+    if not config.negatives:
+        return None, None
+    train_paths, val_paths = split_negatives(expand_image_paths([config.negatives]), config.val_split, config.seed)
+    neg_train, rep = build_cache([Sample(p, None) for p in train_paths], None, pp, train=True,
+                                 strict=config.strict, progress=progress)
+    if rep.count:
+        log("warning: negatives: " + rep.summary())
+    neg_val = None
+    if val_paths:
+        neg_val, rep = build_cache([Sample(p, None) for p in val_paths], None, pp, train=False,
+                                   strict=config.strict, progress=progress)
+        if rep.count:
+            log("warning: negatives: " + rep.summary())
+    log(f"negatives: {len(neg_train)} for training, {len(neg_val) if neg_val is not None else 0} held out, "
+        f"from {config.negatives}")
+    return neg_train, neg_val

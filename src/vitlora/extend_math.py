@@ -100,12 +100,13 @@ def _z(p: float) -> float:
     return math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
 
 
-def positive_threshold(margins: torch.Tensor, target_recall: float) -> float:
+def positive_threshold(margins: torch.Tensor, target_recall: float, conformal: bool = False) -> float:
     """A margin threshold t such that about `target_recall` of positives have margin > t.
 
     The lower of the empirical quantile and the normal fit mean - z*sd: on ten held-out
     photos the empirical quantile is just the weakest photo, and the normal fit is less
-    noisy when they are alike. (A normal *tolerance* bound, recall >= target with 90 %
+    noisy when they are alike. `conformal`: the empirical rank is the split-conformal one,
+    ceil((n+1) * target) of n. (A normal *tolerance* bound, recall >= target with 90 %
     confidence, was measured and rejected: positives' margins have a heavy low tail - a few
     hard photos - so it put the threshold far below every positive and let in 5-13 % of
     unseen negatives on one of three seeds, without raising recall.)
@@ -114,7 +115,9 @@ def positive_threshold(margins: torch.Tensor, target_recall: float) -> float:
     n = len(m)
     if n == 0:
         raise ValueError("no positive margins")
-    k = min(n, max(1, math.ceil(target_recall * n - 1e-9)))
+    # conformal (split-conformal finite-sample rule): the ceil((n+1) * target)-th highest margin, so that a new
+    # exchangeable positive beats it with probability >= target
+    k = min(n, max(1, math.ceil(target_recall * (n + 1 if conformal else n) - 1e-9)))
     empirical = float(m[k - 1]) - 1e-4
     if n < 2 or target_recall >= 1.0:
         return empirical
@@ -165,3 +168,63 @@ def shift_metrics(logits: torch.Tensor, labels: torch.Tensor | None, n_old: int,
         if mask.any():
             recall[c] = float((pred[mask] == c).float().mean())
     return {"recall": recall}
+
+
+# ---- out-of-fold calibration (k-fold cross-fitting over all photos) --------------------------
+
+
+def fold_ids(n: int, k: int, seed: int) -> torch.Tensor:
+    """Fold of each of n items: a seeded permutation dealt round-robin into k folds (sizes differ by <= 1)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    folds = torch.empty(n, dtype=torch.long)
+    folds[perm] = torch.arange(n) % k
+    return folds
+
+
+def out_of_fold_new_logits(features: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor, folds: torch.Tensor,
+                           weight: torch.Tensor, bias: torch.Tensor, distill: float, steps: int, lr: float,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """[N, n_new] new-class logits, each row from new rows probed (`linear_probe`) on the other folds only."""
+    out = torch.empty(len(features), weight.shape[0])
+    for f in folds.unique().tolist():
+        keep = folds != f
+        w, b = linear_probe(features[keep], labels[keep], old_logits[keep], weight, bias, distill, steps, lr,
+                            temperature)
+        out[~keep] = features[~keep].float() @ w.T + b
+    return out
+
+
+def new_class_shift(margins: torch.Tensor, labels: torch.Tensor, new_ids: list[int], target: float) -> torch.Tensor:
+    """[n_new] margin thresholds: the conformal target-recall threshold of each class's positives (0 if none)."""
+    return torch.tensor([positive_threshold(margins[labels == c, j], target, conformal=True)
+                         if bool((labels == c).any()) else 0.0 for j, c in enumerate(new_ids)])
+
+
+def cross_fitted_metrics(old_logits: torch.Tensor, new_logits: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor,
+                         new_ids: list[int], target: float, base_top1: torch.Tensor | None) -> dict[str, Any]:
+    """Recall per new class, FP rate and retention where no photo is scored with a threshold it helped choose.
+
+    `new_logits` are out-of-fold already; for each fold the threshold comes from the other folds'
+    margins (`new_class_shift`), so the estimate covers the choice of threshold too.
+    `labels` -1 are negatives, -2 stored exemplars of classes an earlier run added (`base_top1`:
+    for every row with label < 0 in order, the answer to keep: the base's top-1 / the earlier class).
+    """
+    n_old = old_logits.shape[1]
+    margins = new_logits - old_logits.max(dim=-1, keepdim=True).values
+    pred = torch.empty(len(labels), dtype=torch.long)
+    for f in folds.unique().tolist():
+        inside = folds == f
+        t = new_class_shift(margins[~inside], labels[~inside], new_ids, target)
+        pred[inside] = torch.cat([old_logits[inside], new_logits[inside] - t], dim=1).argmax(-1)
+    out: dict[str, Any] = {"new_class_recall": {c: float((pred[labels == c] == c).float().mean())
+                                                for c in new_ids if bool((labels == c).any())}}
+    neg = labels == -1
+    if neg.any():
+        out["false_positive_rate"] = float((pred[neg] >= n_old).float().mean())
+    if base_top1 is not None:
+        kept = pred[labels < 0] == base_top1
+        for key, code in (("retention", -1), ("earlier_classes_kept", -2)):
+            rows = labels[labels < 0] == code
+            if rows.any():
+                out[key] = float(kept[rows].float().mean())
+    return out

@@ -8,6 +8,7 @@ New head rows start as the class mean of the frozen base's features (`imprint_ne
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,9 @@ class BaseOutputs:
 
 
 def base_outputs(peft_model: nn.Module, head_name: str, cache: Any, pp: Any, device: torch.device,
-                 work_size: bool, batch_size: int = 64) -> BaseOutputs:
-    """Run the frozen base (adapter disabled) over a cache, un-augmented; CPU float32 results."""
+                 work_size: bool, batch_size: int = 64, adapter: bool = False) -> BaseOutputs:
+    """Run the frozen base (adapter disabled; `adapter=True`: the trained model) over a cache, un-augmented;
+    CPU float32 head inputs and logits."""
     from .data import normalize
 
     def forward(images: torch.Tensor) -> torch.Tensor:
@@ -72,7 +74,7 @@ def base_outputs(peft_model: nn.Module, head_name: str, cache: Any, pp: Any, dev
     feats: list[torch.Tensor] = []
     hook = wrapper.register_forward_hook(lambda m, args, out: feats.append(args[0].detach().float().cpu()))
     try:
-        with eval_mode(peft_model), peft_model.disable_adapter():
+        with eval_mode(peft_model), (nullcontext() if adapter else peft_model.disable_adapter()):
             logits = batched_logits(cache, forward, batch_size)
     finally:
         hook.remove()
@@ -115,3 +117,10 @@ def freeze_rows(param: nn.Parameter, n_old: int) -> None:
 
     param.register_hook(hook)
     param.no_weight_decay = True  # read by loop.make_optimizer: decoupled decay would shrink the frozen rows
+
+
+def reload_best(peft_model: nn.Module, out: Any) -> None:
+    """Put the best epoch's adapter (saved in the run folder `out`) back into the model."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_model, load_peft_weights(str(out), device="cpu"))

@@ -6,12 +6,16 @@ Conventions (documented in the README):
   lowers the precision of the true classes, because those predictions are wrong;
 - precision of a class never predicted is 0, as is F1 when precision + recall is 0;
 - `nll` is the mean negative log-likelihood of the true class under softmax;
+- `ece` (expected calibration error of the top-1 score, Guo et al. 2017): the scores are
+  put in 15 equal-width bins ((0, 1/15], (1/15, 2/15], ..., a score of exactly 0 goes in the
+  first), and ECE = sum over bins of (n_bin / N) * |mean score in bin - accuracy in bin|;
 - the confusion matrix covers the labels that occur in the data or in the predictions,
   rows = true label, columns = predicted label, in the order given by `labels`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -57,6 +61,7 @@ def classification_report(
         "macro_recall": macro("recall"),
         "macro_f1": macro("f1"),
         "nll": float(-log_probs[torch.arange(n), targets].mean()),
+        "ece": expected_calibration_error(log_probs.exp().max(-1).values, preds == targets),
         "per_class": per_class,
         "confusion_matrix": {"labels": [id2label[c] for c in cm_ids], "matrix": cm.tolist()},
     }
@@ -70,3 +75,47 @@ def top_k_predictions(probs: torch.Tensor, id2label: dict[int, str], k: int) -> 
         [(id2label[int(i)], float(v)) for v, i in zip(vrow, irow)]
         for vrow, irow in zip(values.tolist(), indices.tolist())
     ]
+
+
+ECE_BINS = 15
+
+
+def reliability_bins(scores: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Per equal-width bin of the top-1 score: lower/upper edge, count, mean score, accuracy (empty bins too)."""
+    s, c = scores.double().flatten(), correct.double().flatten()
+    idx = (s * bins).ceil().long().clamp(1, bins) - 1  # (k/bins, (k+1)/bins] -> k; 0 -> first bin
+    out = []
+    for k in range(bins):
+        m = idx == k
+        n = int(m.sum())
+        out.append({"lower": k / bins, "upper": (k + 1) / bins, "count": n,
+                    "confidence": float(s[m].mean()) if n else None, "accuracy": float(c[m].mean()) if n else None})
+    return out
+
+
+def expected_calibration_error(scores: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE of the top-1 score: sum over bins of (share of images) x |mean score - accuracy| (see module doc)."""
+    n = int(scores.numel())
+    if n == 0:
+        return float("nan")
+    return float(sum(b["count"] / n * abs(b["confidence"] - b["accuracy"])
+                     for b in reliability_bins(scores, correct, bins) if b["count"]))
+
+
+def auroc(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> float:
+    """Area under the ROC curve = P(positive scores higher than negative), ties counting half (Mann-Whitney U)."""
+    p, q = pos_scores.double().flatten(), neg_scores.double().flatten()
+    if not len(p) or not len(q):
+        return float("nan")
+    greater = (p[:, None] > q[None, :]).double().sum()
+    ties = (p[:, None] == q[None, :]).double().sum()
+    return float((greater + 0.5 * ties) / (len(p) * len(q)))
+
+
+def fpr_at_tpr(pos_scores: torch.Tensor, neg_scores: torch.Tensor, tpr: float = 0.95) -> float:
+    """Share of negatives scoring at or above the highest threshold that keeps >= `tpr` of positives."""
+    p = pos_scores.double().flatten().sort(descending=True).values
+    if not len(p) or not len(neg_scores):
+        return float("nan")
+    k = min(len(p), max(1, math.ceil(tpr * len(p) - 1e-9)))
+    return float((neg_scores.double() >= p[k - 1]).double().mean())

@@ -250,10 +250,9 @@ class RunWriter:
         return self.out / BEST if (self.out / BEST / ADAPTER_WEIGHTS).is_file() else self.out
 
     def best(self, peft_model: Any, epoch: int) -> None:
-        """A new best epoch: the adapter (extend mode: also kept uncalibrated), labels, preprocessing, marker."""
+        """A new best epoch: the adapter (also kept uncalibrated in checkpoints/best), labels, preprocessing, marker."""
         self.save_adapter(peft_model)
-        if self.meta["mode"] == "extend":
-            self.save_adapter(peft_model, self.out / BEST)
+        self.save_adapter(peft_model, self.out / BEST)  # as trained: calibration (both modes) starts from it
         write_json_atomic(self.out / LABELS, self.labels_info)
         write_json_atomic(self.out / PREPROCESSOR, self.processor)
         write_json_atomic(self.out / RUN_MARKER, {**self.meta, "best_epoch": epoch})
@@ -263,9 +262,15 @@ class RunWriter:
         write_json_atomic(self.out / METRICS, metrics_doc(state, {"precision": self.precision}))
         write_checkpoint(self.out, model, opt, sched, gen, state, config)
 
-    def extend_summary(self, peft_model: Any, summary: dict[str, Any], best_epoch: int) -> None:
-        """Extend mode's end: the calibrated adapter and its summary in `vitlora.json`."""
-        self.meta["extend"] = summary
+    def extend_summary(self, peft_model: Any, summary: dict[str, Any], best_epoch: int, key: str = "extend",
+                       labels_info: dict[str, Any] | None = None) -> None:
+        """Training's end: the calibrated adapter, its summary under `key` in `vitlora.json` (and new labels)."""
+        self.meta[key] = summary
+        if labels_info is not None:  # replace mode with --negatives: "unknown" appended
+            self.labels_info = labels_info
+            labels = [labels_info["id2label"][str(i)] for i in range(len(labels_info["id2label"]))]
+            self.meta.update(num_labels=len(labels), labels=labels if len(labels) <= 50 else None)
+            write_json_atomic(self.out / LABELS, labels_info)
         self.save_adapter(peft_model)
         write_json_atomic(self.out / RUN_MARKER, {**self.meta, "best_epoch": best_epoch})
 
@@ -278,7 +283,7 @@ class RunWriter:
         doc = metrics_doc(state, {"precision": self.precision, "wall_s": time.time() - t_start,
                                   "mean_images_per_s": sum(e["images_per_s"] for e in state.history)
                                   / max(1, len(state.history)),
-                                  **({"extend": meta["extend"]} if meta.get("extend") else {})})
+                                  **{k: meta[k] for k in ("extend", "calibration") if meta.get(k)}})
         write_json_atomic(self.out / METRICS, doc)
         plot_training_curves(state.history, self.out / CURVES)
         labels = [labels_info["id2label"][str(i)] for i in range(len(labels_info["id2label"]))]

@@ -17,7 +17,7 @@ from .modeling import load_run_model, quiet_transformers
 from .rundir import LABELS, PREPROCESSOR, check_destination, publish_dir, read_run_files, staging_dir, write_json_atomic
 from .runtime import autocast, pick_device, pick_precision
 
-__all__ = ["Prediction", "Run", "load", "predict_files", "read_run_files"]  # read_run_files: vitlora.serve uses it
+__all__ = ["Prediction", "Run", "load", "prediction", "predict_files", "read_run_files"]  # read_run_files: vitlora.serve uses it
 
 
 @dataclass
@@ -27,12 +27,22 @@ class Prediction:
     path: str
     top_k: list[tuple[str, float]]
     labels: list[str] | None = None  # multi-label runs: every label at or over its threshold
+    rejected: bool | None = None  # runs trained with --negatives in replace mode: top-1 is "unknown"
 
     def to_dict(self) -> dict[str, Any]:
         row: dict[str, Any] = {"path": self.path, "top_k": [{"label": lab, "score": s} for lab, s in self.top_k]}
         if self.labels is not None:
             row["labels"] = self.labels
+        if self.rejected is not None:
+            row["rejected"] = self.rejected
         return row
+
+
+def prediction(labels_info: dict[str, Any], path: str, top_k: list[tuple[str, float]],
+               labels: list[str] | None = None) -> Prediction:
+    """A Prediction, flagged `rejected` when the run has an "unknown" answer (labels.json "rejection")."""
+    rejection = labels_info.get("rejection")
+    return Prediction(path, top_k, labels, top_k[0][0] == rejection["label"] if rejection else None)
 
 
 @dataclass
@@ -75,10 +85,10 @@ class Run:
         """Top-k of each row, and for a multi-label run the labels over their thresholds."""
         tops = top_k_predictions(probs, self.id2label, top_k)
         if not self.multi_label:
-            return [Prediction(p, t) for p, t in zip(paths, tops)]
+            return [prediction(self.labels_info, p, t) for p, t in zip(paths, tops)]
         over = multilabel.over_threshold(probs, self.id2label, multilabel.thresholds_of(self.labels_info,
                                                                                         self.id2label))
-        return [Prediction(p, t, labs) for p, t, labs in zip(paths, tops, over)]
+        return [prediction(self.labels_info, p, t, labs) for p, t, labs in zip(paths, tops, over)]
 
     def predict(
         self,

@@ -223,7 +223,13 @@ def prepare_head(s: Session, built: Built, data: Decoded) -> Any:
     if base_out is not None and is_multi_hot(data.sample):  # sigmoids start undecided (vitlora.multilabel)
         center_bias(trainable_head(built.peft_model, built.change.head_name), base_out.features, data.sample.labels)
     if s.config.resolved_mode != "extend":
-        return None
+        from .reject import prepare_reject  # --negatives: outlier exposure, then an "unknown" answer
+
+        if s.config.negatives and is_multi_hot(data.sample):
+            raise VitloraError("--negatives is for single-label runs (a multi-label run answers no label by itself)")
+
+        return prepare_reject(built.peft_model, s.config, data.val, built.pp, s.rt.device, s.log,
+                              s.progress and s.rt.is_main, s.rt.rank)
     return prepare_extend(built.peft_model, built.change, s.config, data.train, data.val, base_out, built.pp,
                           s.rt.device, s.log, s.progress and s.rt.is_main, s.rt.rank)
 
@@ -263,10 +269,23 @@ def run_files(s: Session, built: Built, data: Decoded) -> RunWriter:
     return RunWriter(s.plan.staging, meta, labels_info, built.processor, rt.precision)
 
 
-def finish(s: Session, writer: RunWriter, hook: Any, built: Built, state: TrainState) -> None:
-    """Extend mode: best epoch back and calibrated; then metrics, curves and model card; then the swap into `--out`."""
-    if hook is not None:
-        writer.extend_summary(built.peft_model, hook.finish(writer.uncalibrated()), state.best_epoch)
+def finish(s: Session, writer: RunWriter, hook: Any, built: Built, data: Decoded, state: TrainState) -> None:
+    """Best epoch back (as trained, never an already calibrated head) and calibrated (extend: out-of-fold
+    threshold; replace: temperature, "unknown"); then metrics, curves and model card; then the swap into `--out`."""
+    from .multilabel import is_multi_hot
+
+    start = writer.uncalibrated()
+    if s.config.resolved_mode == "extend":
+        writer.extend_summary(built.peft_model, hook.finish(start), state.best_epoch)
+    elif not is_multi_hot(data.val):  # multi-label runs keep their sigmoids and tuned thresholds
+        from .calibration import finish_replace
+        from .heads import reload_best, trainable_head
+
+        reload_best(built.peft_model, start)
+        head = trainable_head(built.peft_model, built.change.head_name)
+        summary, labels_info = finish_replace(built.peft_model, head, s.config, data.val, built.pp, s.rt.device,
+                                              s.log, hook, writer.labels_info)
+        writer.extend_summary(built.peft_model, summary, state.best_epoch, key="calibration", labels_info=labels_info)
     doc = writer.finish(state, s.t_start)
     publish(s.plan)
     acc = doc["best_val_accuracy"]
@@ -321,7 +340,7 @@ def train_to_dir(
             state = fit(job, s.config, s.rt, writer, lora_lr_scale(s.config), s.checkpoint, progress, s.t_start,
                         on_epoch_end)
             if s.rt.is_main:
-                finish(s, writer, hook, built, state)
+                finish(s, writer, hook, built, data, state)
             barrier(s.rt)
         except OSError as exc:  # disk full, permissions: the old run stays; a resumable checkpoint stays too
             if s.rt.is_main:
