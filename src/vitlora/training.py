@@ -276,6 +276,7 @@ def finish(s: Session, writer: RunWriter, hook: Any, built: Built, data: Decoded
 
     start = writer.uncalibrated()
     if s.config.resolved_mode == "extend":
+        hook.out = writer.out  # what the run carries for later stacking is written beside the adapter
         writer.extend_summary(built.peft_model, hook.finish(start), state.best_epoch)
     elif not is_multi_hot(data.val):  # multi-label runs keep their sigmoids and tuned thresholds
         from .calibration import finish_replace
