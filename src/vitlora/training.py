@@ -120,10 +120,10 @@ def build_model(config: TrainConfig, data_labels: list[str], log: Callable[[str]
             f"({shown}{', …' if len(change.matched) > 5 else ''}): their head rows start from the base")
     targets = resolve_targets(model, config.targets, change.head_name)
     model.config._name_or_path = base_info["base_model"]  # recorded in adapter_config.json
-    peft_model = wrap_lora(model, targets, change.head_name, config.rank, config.alpha, config.dropout)
+    peft_model = wrap_lora(model, targets, change.head_name, config.rank, config.alpha, config.dropout, config.method)
     use_fast_lora_dropout(peft_model)  # same dropout, without PEFT's CPU cost (see vitlora.lora)
     trainable, total = parameter_counts(peft_model)
-    log(f"{config.resolved_mode} mode: {len(change.labels)} labels ({len(change.new_labels)} new), LoRA "
+    log(f"{config.resolved_mode} mode: {len(change.labels)} labels ({len(change.new_labels)} new), {config.method} "
         f"r={config.rank} on {', '.join(targets)}; trainable params: {trainable:,} || all params: {total:,} "
         f"|| trainable%: {100 * trainable / total:.4f}")
     return Built(peft_model, change, targets, Preprocess.from_dict(processor), processor, base_info, fingerprint,
