@@ -223,3 +223,35 @@ def test_class_weights_are_refused_in_extend_mode(tiny_model, red_folder, tmp_pa
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model),
                  "--out", str(tmp_path / "x"), "--class-weights", "auto", *FAST]) == 2
     assert "--class-weights is for replace mode" in capsys.readouterr().err
+
+
+# ---- stopping ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("losses, bad, auto, patience, stops", [
+    ([0.50, 0.45, 0.44], 2, 2, None, False),  # fell 12 % over the 2 epochs without a better one: not yet
+    ([0.50, 0.47, 0.46], 2, 2, None, True),   # fell 8 % over the 2 epochs: converged
+    ([0.50, 0.40, 0.30], 2, 2, None, False),  # still falling fast: a later epoch may still win
+    ([0.50, 0.49, 0.48], 1, 2, None, False),  # only 1 epoch without a better one
+    ([0.50, 0.49, 0.48], 2, 0, None, False),  # --auto-stop 0
+    ([0.50, 0.40, 0.30], 2, 0, 2, True),      # --early-stopping 2 ignores the loss
+    ([0.50, 0.49], 2, 2, None, False),        # not enough history to judge the loss
+])
+def test_should_stop(losses, bad, auto, patience, stops):
+    from vitlora.config import TrainConfig
+    from vitlora.loop import should_stop
+    from vitlora.persist import TrainState
+
+    state = TrainState(epoch=len(losses), history=[{"epoch": i + 1, "train_loss": v} for i, v in enumerate(losses)],
+                       bad_epochs=bad)
+    config = TrainConfig(data="x", auto_stop=auto, early_stopping=patience)
+    assert bool(should_stop(state, config)) is stops
+
+
+def test_stopped_run_says_why_in_metrics(tiny_model, colour_folder, tmp_path, quiet_env, monkeypatch):
+    monkeypatch.setenv("VITLORA_THREADS", "1")  # the same float sums every time
+    metrics = train(tiny_model, colour_folder, tmp_path / "stop", "--epochs", "6", "--lr", "2",
+                    "--early-stopping", "1")
+    last = metrics["epochs"][-1]
+    assert len(metrics["epochs"]) < 6 and last["stopped"].startswith("no better epoch for 1 epochs")
+    assert all("stopped" not in e for e in metrics["epochs"][:-1])

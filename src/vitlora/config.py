@@ -86,7 +86,9 @@ class TrainConfig:
     ema: float = _f(0.0, "decay of an exponential moving average of the trainable weights, e.g. 0.999 (0 = off); "
                          "each epoch evaluates it beside the raw weights and keeps the better")
     early_stopping: int | None = _f(None, "stop after PATIENCE epochs without a better epoch (validation accuracy, "
-                                          "then lower loss)")
+                                          "then lower loss), whatever the training loss does")
+    auto_stop: int = _f(2, "stop after N epochs without a better epoch once the training loss has also converged "
+                           "(fell by less than 10 percent over them), so no later epoch is likely to win; 0 = off")
     activation_mb: float = _f(384.0, "CPU: activation memory budget per micro-batch in MiB; larger batches run as "
                                      f"equal micro-batches that fit it (env {ACTIVATION_MB_ENV} overrides)")
     # extend-mode safeguards (see vitlora.extend)
@@ -179,6 +181,7 @@ class TrainConfig:
             (0.0 < self.patch_keep <= 1.0, "--patch-keep must be in (0, 1]"),
             (0.0 <= self.ema < 1.0, "--ema must be in [0, 1) (0 turns it off)"),
             (self.early_stopping is None or self.early_stopping >= 1, "--early-stopping must be at least 1"),
+            (self.auto_stop >= 0, "--auto-stop must be non-negative (0 turns it off)"),
             (0.0 <= self.warmup < 1.0, "--warmup must be in [0, 1)"),
             (self.activation_mb > 0, "--activation-mb must be positive"),
             (self.distill >= 0, "--distill must be non-negative"),

@@ -287,6 +287,9 @@ def fit(job: Job, config: TrainConfig, rt: Runtime, writer: RunWriter, lora_scal
                 state.bad_epochs += 1
             state.epoch = epoch
             state.history.append(record)
+            stop = should_stop(state, config)
+            if stop:
+                record["stopped"] = stop  # metrics.json says why the run ended before --epochs
             loop.tracker.log_epoch(epoch, record)
             if rt.is_main:
                 if improved:
@@ -294,9 +297,8 @@ def fit(job: Job, config: TrainConfig, rt: Runtime, writer: RunWriter, lora_scal
                         writer.best(job.model, epoch)
                 writer.epoch(state, job.model, loop.opt, loop.sched, loop.gen, config)
                 bar.write(epoch_line(record, config.epochs, improved))
-            stop = should_stop(state, config)
             if stop:
-                log(rt, f"early stopping: no improvement for {state.bad_epochs} epochs")
+                log(rt, f"stopping after epoch {epoch} of {config.epochs}: {stop}")
             if rt.is_main and on_epoch_end is not None:
                 on_epoch_end(record)
             barrier(rt)
@@ -332,9 +334,25 @@ def _score_epoch(loop: Loop, record: dict[str, Any]) -> tuple[float, float, bool
     return (ema_primary, ema_tiebreak, True) if use_ema else (primary, tiebreak, False)
 
 
-def should_stop(state: TrainState, config: TrainConfig) -> bool:
-    """`--early-stopping PATIENCE`: that many epochs in a row without a better epoch."""
-    return bool(config.early_stopping and state.bad_epochs >= config.early_stopping)
+CONVERGED = 0.10  # --auto-stop: the training loss fell by less than this fraction over the patience epochs
+
+
+def should_stop(state: TrainState, config: TrainConfig) -> str | None:
+    """Why to stop after this epoch, or None.
+
+    `--early-stopping N`: N epochs in a row without a better epoch. `--auto-stop N` (the default,
+    2) also waits for the training loss to have converged over those N epochs: while it still
+    falls, later epochs at the decayed learning rate can still win.
+    """
+    bad = state.bad_epochs
+    if config.early_stopping and bad >= config.early_stopping:
+        return f"no better epoch for {bad} epochs"
+    n = config.auto_stop
+    if n and bad >= n and len(state.history) > n:
+        before, now = state.history[-1 - n]["train_loss"], state.history[-1]["train_loss"]
+        if before - now < CONVERGED * before:
+            return f"no better epoch for {bad} epochs and the training loss converged ({before:.4f} -> {now:.4f})"
+    return None
 
 
 def epoch_line(r: dict[str, Any], epochs: int, improved: bool) -> str:
