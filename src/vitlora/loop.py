@@ -4,7 +4,11 @@ One readable path (nanoGPT style): `make_optimizer` and `lr_factor` set up, `Loo
 the steps of one epoch, `Loop.evaluate` scores it, `fit` drives the epochs and hands every
 file to write to a `vitlora.persist.RunWriter`. Extend mode plugs in through `Job.hook`
 (`vitlora.extend.Extender`: extra negatives per batch, its loss, its metrics and score, its
-calibration at the end), which never imports this module.
+calibration at the end), which never imports this module. The recipe's options plug in
+the same way: `vitlora.data.augment.Augment` makes each micro-batch's pixels and (mixup /
+cutmix) soft targets, `vitlora.patch_dropout.PatchDropout` thins the tokens of training
+forwards, `vitlora.recipe` holds the EMA, class weights and balanced sampling, and
+`vitlora.tracking.Tracker` logs each step and epoch.
 
 Micro-batches: on CPU a step's activations, kept for backward, are what makes training's
 memory (DeiT-tiny: ~46 MB per image at 224 px, so ~1.9 GB peak RSS at batch 32 against ~1.1

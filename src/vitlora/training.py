@@ -3,8 +3,9 @@
 `train_to_dir` reads top to bottom as those phases, each a function here; the loop is
 `vitlora.loop`, what gets written is `vitlora.persist`, extend mode's plug-in is
 `vitlora.extend`. Speed comes from the data side: every image is decoded once into a uint8
-tensor at working size, and augmentation (random resized crop + flip + normalise) runs per
-batch as torch ops, so the model never waits for JPEG decoding.
+tensor at working size, and augmentation (random resized crop + flip + normalise, and the
+`--augment` policy / mixup / cutmix / erasing) runs per batch as torch ops, so the model never
+waits for JPEG decoding.
 """
 
 from __future__ import annotations
