@@ -51,7 +51,7 @@ def assert_plain_peft_and_merge_agree(out: Path, tiny_model: Path, data: Path) -
         ignore_mismatched_sizes=True)
     plain = PeftModel.from_pretrained(base, out).eval()
     merged = vitlora.load(out, merge=True)
-    files = [f for d in sorted(data.iterdir()) for f in sorted(d.iterdir())[:2]]
+    files = sorted(p for p in data.rglob("*") if p.is_file())[::4]
     x = normalize(torch.stack([resize_for_eval(Image.open(f).convert("RGB"), merged.preprocess) for f in files]),
                   merged.preprocess)
     with torch.no_grad():
@@ -223,6 +223,18 @@ def test_class_weights_are_refused_in_extend_mode(tiny_model, red_folder, tmp_pa
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model),
                  "--out", str(tmp_path / "x"), "--class-weights", "auto", *FAST]) == 2
     assert "--class-weights is for replace mode" in capsys.readouterr().err
+
+
+def test_extend_mode_takes_ema_patch_keep_sampler_and_dora_together(tiny_model, red_folder, colour_folder,
+                                                                    tmp_path, quiet_env):
+    out = tmp_path / "extend"
+    assert main(["train", str(red_folder), "--label", "red", "--negatives", str(colour_folder / "green"),
+                 "--model", str(tiny_model), "--out", str(out), *FAST, "--ema", "0.9", "--patch-keep", "0.5",
+                 "--balanced-sampler", "--method", "dora", "--augment", "trivial", "--random-erasing", "0.3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(e["weights"] in ("ema", "raw") and "retention" in e for e in metrics["epochs"])
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    assert_plain_peft_and_merge_agree(out, tiny_model, red_folder)
 
 
 # ---- stopping ---------------------------------------------------------------------------------------------
