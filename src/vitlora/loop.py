@@ -273,7 +273,9 @@ def fit(job: Job, config: TrainConfig, rt: Runtime, writer: RunWriter, lora_scal
         log(rt, f"resuming after epoch {state.epoch} of {config.epochs}")
         if loop.ema is not None:  # the checkpoint holds the raw weights: the average restarts from them
             loop.ema = Ema(job.model, config.ema)
-    patch_drop = PatchDropout(config.patch_keep, loop.gen).attach(job.model)  # training mode only
+    patch_drop = PatchDropout(config.patch_keep, loop.gen)  # training forwards only; off (no hook) at 1.0
+    if config.patch_keep < 1.0:  # other architectures than ViT / DeiT train as before without it
+        patch_drop.attach(job.model)
     loop.wrap_distributed()
     loop.tracker = Tracker(config.report_to, enabled=rt.is_main)
     bar = tqdm(total=loop.steps_per_epoch * config.epochs, initial=loop.steps_per_epoch * state.epoch,
