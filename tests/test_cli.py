@@ -232,3 +232,15 @@ def test_export_onnx_and_predict_with_it(replace_run: Path, colour_folder: Path,
     for t, o in zip(torch_rows, onnx_rows):
         assert t["top_k"][0]["label"] == o["top_k"][0]["label"]
         assert abs(t["top_k"][0]["score"] - o["top_k"][0]["score"]) < 1e-4
+
+
+def test_train_help_lists_the_recipe_flags_with_their_defaults(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("train", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--augment", "basic"), ("--mixup", "0"), ("--cutmix", "0"), ("--random-erasing", "0"),
+                          ("--patch-keep", "1"), ("--ema", "0"), ("--class-weights", "none"), ("--method", "lora"),
+                          ("--auto-stop", "2")):
+        entry = text.split(f" {flag} {flag[2:].upper().replace('-', '_')} ")[-1]  # the option's help line on
+        assert entry.split("(default ", 1)[1].startswith(default + ")"), flag
+    assert "--balanced-sampler" in text and "--report-to" in text

@@ -15,6 +15,7 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from .errors import VitloraError
 
 DEFAULT_MODEL = "facebook/deit-tiny-patch16-224"
 SEMANTIC_TARGETS = ("query", "key", "value", "output", "mlp")
+METHODS = ("lora", "dora", "rslora", "loha", "lokr")
+AUGMENT_POLICIES = ("basic", "trivial", "randaugment")
 ACTIVATION_MB_ENV = "VITLORA_ACTIVATION_MB"  # overrides `activation_mb` (read once, in __post_init__)
 
 
@@ -50,6 +53,8 @@ class TrainConfig:
     dropout: float = _f(0.1, "LoRA dropout")
     targets: list[str] = field(default_factory=lambda: ["query", "value"],
                                metadata={"help": "comma-separated: query,key,value,output,mlp"})
+    method: str = _f("lora", "adapter: lora, dora (weight-decomposed), rslora (alpha/sqrt(r) scaling), loha or lokr "
+                             "(peft's LoHa / LoKr; --rank and --alpha apply, --dropout as their rank dropout)")
     # optimisation
     epochs: int = _f(5, "number of epochs")
     batch_size: int = _f(32, "global batch size")
@@ -62,12 +67,28 @@ class TrainConfig:
     val_split: float = _f(0.1, "fraction held out when no --val")
     seed: int = _f(0, "seed for split, init, shuffling, augmentation and the negatives' order")
     aug_scale_min: float = _f(0.25, "smallest random-resized-crop area fraction")
+    augment: str = _f("basic", "augmentation policy after the random resized crop + flip: basic (none), trivial "
+                               "(TrivialAugment) or randaugment (RandAugment); needs kornia beyond basic")
+    mixup: float = _f(0.0, "mixup Beta(A, A) concentration, 0 = off (replace mode; kornia)")
+    cutmix: float = _f(0.0, "cutmix Beta(A, A) concentration, 0 = off; with --mixup each batch uses one of the two "
+                            "(replace mode; kornia)")
+    random_erasing: float = _f(0.0, "per-image probability of random erasing (kornia)")
+    class_weights: str = _f("none", "none, or auto: weight the loss by inverse class frequency (normalised to a "
+                                    "mean weight of 1 per image), for imbalanced data (replace mode)")
+    balanced_sampler: bool = _f(False, "draw each epoch's images with probability inverse to their class "
+                                       "frequency (with replacement), so every class is seen equally often")
     strict: bool = _f(False, "unreadable images are an error instead of a skip")
     # runtime
     precision: str = _f("auto", "auto picks bf16 where the hardware has bf16 matrix units, else fp32/fp16")
     device: str = _f("auto", "auto, cpu or cuda")
+    patch_keep: float = _f(1.0, "PatchDropout: fraction of each training image's patch tokens kept (CLS always; "
+                                "evaluation and prediction use all tokens); 1 = off")
+    ema: float = _f(0.0, "decay of an exponential moving average of the trainable weights, e.g. 0.999 (0 = off); "
+                         "each epoch evaluates it beside the raw weights and keeps the better")
     early_stopping: int | None = _f(None, "stop after PATIENCE epochs without a better epoch (validation accuracy, "
-                                          "then lower loss)")
+                                          "then lower loss), whatever the training loss does")
+    auto_stop: int = _f(2, "stop after N epochs without a better epoch once the training loss has also converged "
+                           "(fell by less than 10 percent over them), so no later epoch is likely to win; 0 = off")
     activation_mb: float = _f(384.0, "CPU: activation memory budget per micro-batch in MiB; larger batches run as "
                                      f"equal micro-batches that fit it (env {ACTIVATION_MB_ENV} overrides)")
     # extend-mode safeguards (see vitlora.extend)
@@ -88,6 +109,11 @@ class TrainConfig:
     oe_weight: float = _f(0.5, "replace mode with --negatives: weight of the outlier-exposure loss on negatives")
     unknown_keep: float = _f(0.95, "replace mode with --negatives: share of validation photos that keep their answer "
                                    "when the 'unknown' answer is placed")
+    # experiment tracking (optional extras, see vitlora.tracking)
+    report_to: list[str] = field(default_factory=list, metadata={
+        "help": "comma-separated: tensorboard, mlflow (optional extras, off by default): log the settings, per-step "
+                "loss and learning rate, per-epoch validation metrics; TensorBoard writes RUN_DIR/tensorboard, "
+                "MLflow RUN_DIR/mlflow.db unless MLFLOW_TRACKING_URI is set"})
 
     def __post_init__(self) -> None:
         override = os.environ.get(ACTIVATION_MB_ENV)
@@ -120,11 +146,28 @@ class TrainConfig:
         for ok, message in self._range_checks():
             if not ok:
                 raise VitloraError(message)
+        self._check_choices()
         unknown = [t for t in self.targets if t not in SEMANTIC_TARGETS]
         if not self.targets or unknown:
             raise VitloraError(
                 f"unknown --targets {', '.join(unknown) or '(empty)'}: choose from {', '.join(SEMANTIC_TARGETS)}"
             )
+
+    def _check_choices(self) -> None:
+        """The training-recipe settings: known names, and nothing extend mode cannot honour."""
+        from .tracking import parse_report_to
+
+        for name, choices in (("method", METHODS), ("augment", AUGMENT_POLICIES), ("class_weights", ("none", "auto"))):
+            if getattr(self, name) not in choices:
+                raise VitloraError(f"{_flag(name)} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if self.resolved_mode == "extend" and (self.mixup or self.cutmix):
+            raise VitloraError("--mixup and --cutmix are for replace mode (extend mode's loss needs hard labels)")
+        if self.resolved_mode == "extend" and self.class_weights != "none":
+            raise VitloraError("--class-weights is for replace mode (extend mode balances its own loss)")
+        if (self.augment != "basic" or self.mixup or self.cutmix or self.random_erasing) and not find_spec("kornia"):
+            raise VitloraError("--augment trivial/randaugment, --mixup, --cutmix and --random-erasing need kornia: "
+                               "pip install 'vitlora[augment]'")
+        self.report_to = parse_report_to(self.report_to)  # unknown name / missing extra: stop before training
 
     def _range_checks(self) -> list[tuple[bool, str]]:
         return [
@@ -139,7 +182,12 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)"),
             (0.0 <= self.val_split < 1.0, "--val-split must be in [0, 1)"),
             (0.0 < self.aug_scale_min <= 1.0, "--aug-scale-min must be in (0, 1]"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be non-negative (0 turns them off)"),
+            (0.0 <= self.random_erasing <= 1.0, "--random-erasing must be in [0, 1]"),
+            (0.0 < self.patch_keep <= 1.0, "--patch-keep must be in (0, 1]"),
+            (0.0 <= self.ema < 1.0, "--ema must be in [0, 1) (0 turns it off)"),
             (self.early_stopping is None or self.early_stopping >= 1, "--early-stopping must be at least 1"),
+            (self.auto_stop >= 0, "--auto-stop must be non-negative (0 turns it off)"),
             (0.0 <= self.warmup < 1.0, "--warmup must be in [0, 1)"),
             (self.activation_mb > 0, "--activation-mb must be positive"),
             (self.distill >= 0, "--distill must be non-negative"),
@@ -164,8 +212,9 @@ class TrainConfig:
         if unknown:
             raise VitloraError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         values = dict(values)
-        if isinstance(values.get("targets"), str):
-            values["targets"] = parse_targets(values["targets"])
+        for name, value in list(values.items()):  # list settings also come as "a,b" (flags, config files)
+            if isinstance(value, str) and field_kind(name)[0] is list:
+                values[name] = parse_targets(value)
         return cls(**check_types(values))
 
 

@@ -4,7 +4,11 @@ One readable path (nanoGPT style): `make_optimizer` and `lr_factor` set up, `Loo
 the steps of one epoch, `Loop.evaluate` scores it, `fit` drives the epochs and hands every
 file to write to a `vitlora.persist.RunWriter`. Extend mode plugs in through `Job.hook`
 (`vitlora.extend.Extender`: extra negatives per batch, its loss, its metrics and score, its
-calibration at the end), which never imports this module.
+calibration at the end), which never imports this module. The recipe's options plug in
+the same way: `vitlora.data.augment.Augment` makes each micro-batch's pixels and (mixup /
+cutmix) soft targets, `vitlora.patch_dropout.PatchDropout` thins the tokens of training
+forwards, `vitlora.recipe` holds the EMA, class weights and balanced sampling, and
+`vitlora.tracking.Tracker` logs each step and epoch.
 
 Micro-batches: on CPU a step's activations, kept for backward, are what makes training's
 memory (DeiT-tiny: ~46 MB per image at 224 px, so ~1.9 GB peak RSS at batch 32 against ~1.1
@@ -34,7 +38,9 @@ from torch import nn
 from . import multilabel
 from .config import TrainConfig
 from .inference import cache_logits
+from .lora import is_adapter_weight
 from .persist import RunWriter, TrainState, log, restore_checkpoint
+from .recipe import Ema, balanced_batches, inverse_frequency_weights
 from .runtime import Runtime, adapt_threads, barrier, release_memory
 
 _MIN_MICRO = 4
@@ -86,7 +92,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, lora_scale: float = 1.
     decay, no_decay, lora = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            if lora_scale != 1.0 and "lora_" in name:  # LoRA weights at lr * lora_scale (extend mode: 0.1)
+            if lora_scale != 1.0 and is_adapter_weight(name):  # adapter weights at lr * lora_scale (extend: 0.1)
                 lora.append(p)
             else:
                 (no_decay if p.ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
@@ -112,11 +118,14 @@ class Loop:
     """Optimizer, schedule, generator and step settings of one training run."""
 
     def __init__(self, job: Job, config: TrainConfig, rt: Runtime, lora_scale: float) -> None:
+        from .data.augment import Augment
+
         self.job, self.config, self.rt = job, config, rt
         self.per_rank_batch = max(1, config.batch_size // rt.world_size)
         doubled = 2 if job.hook is not None and getattr(job.hook, "neg_train", None) is not None else 1
+        # PatchDropout keeps `patch_keep` of the tokens, so about 1/patch_keep more images fit the budget
         self.micro = max(1, micro_batch_size(job.model, self.per_rank_batch * doubled, rt.device,
-                                             config.activation_mb) // doubled)
+                                             config.activation_mb / config.patch_keep) // doubled)
         if self.micro < self.per_rank_batch:
             log(rt, f"each batch of {self.per_rank_batch} runs as {math.ceil(self.per_rank_batch / self.micro)} "
                     f"micro-batches of <= {self.micro} (activation memory; --activation-mb raises the budget)")
@@ -130,6 +139,15 @@ class Loop:
         self.net: nn.Module = job.model
         self.scaler = torch.amp.GradScaler("cuda") if rt.precision == "fp16" else None
         self.thresholds: dict[str, float] | None = None  # multi-label: tuned on the last validation
+        self.augment = Augment(job.pp, num_classes=len(job.id2label), policy=config.augment, mixup=config.mixup,
+                               cutmix=config.cutmix, random_erasing=config.random_erasing,
+                               scale_min=config.aug_scale_min)
+        self.class_weight = (inverse_frequency_weights(job.train_cache.labels, len(job.id2label)).to(rt.device)
+                             if config.class_weights == "auto" else None)
+        self.multi_label = multilabel.is_multi_hot(job.train_cache)  # multi-hot targets: sigmoids + BCE
+        self.ema = Ema(job.model, config.ema) if config.ema else None
+        self.tracker: Any = None  # vitlora.tracking.Tracker, set by `fit`
+        self.step_loss = (0.0, 0)  # loss sum and images of the optimizer step in progress (for the tracker)
 
     def wrap_distributed(self) -> None:
         if self.rt.distributed:
@@ -139,6 +157,7 @@ class Loop:
 
     def _loss(self, x: torch.Tensor, labels: torch.Tensor, part: torch.Tensor, epoch: int,
               step: int) -> torch.Tensor:
+        """Mean loss of a micro-batch; `labels` are class ids or (mixup / cutmix) soft targets [B, C]."""
         hook = self.job.hook
         teacher = None
         if hook is not None:  # + negatives (label -1) and the frozen base's old-class logits
@@ -147,28 +166,32 @@ class Loop:
             logits = self.net(pixel_values=x).logits
         if hook is not None:
             return hook.loss(logits.float(), labels, teacher)
-        if labels.ndim == 2:  # multi-hot targets: one sigmoid per label (vitlora.multilabel)
+        if self.multi_label:  # one sigmoid per label (vitlora.multilabel); mixup's soft targets stay softmax CE
             return multilabel.bce_loss(logits, labels, self.config.label_smoothing)
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        if self.class_weight is None:
+            return F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        # per-image weights averaged over the images (not over the weights, as reduction="mean" would)
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weight, reduction="none",
+                               label_smoothing=self.config.label_smoothing).mean()
 
     def step(self, idx: torch.Tensor, epoch: int, i: int, last: bool) -> list[float]:
         """Forward/backward of one batch in micro-batches (an optimizer step when `last`); each one's loss sum."""
-        from .data import random_resized_crop_flip
-
         rt, job, config = self.rt, self.job, self.config
         parts, sums = idx.split(self.micro), []
         for j, part in enumerate(parts):
             images, labels = job.train_cache.batch(part)
             images = images.to(rt.device, non_blocking=True)
             labels = labels.to(rt.device, non_blocking=True)
-            x = random_resized_crop_flip(images, job.pp, scale=(config.aug_scale_min, 1.0), generator=self.gen)
+            x, targets = self.augment(images, labels, self.gen)
             sync = self.net.no_sync() if rt.distributed and not (last and j + 1 == len(parts)) else nullcontext()
             with sync:
-                loss = self._loss(x, labels, part, epoch, i * len(parts) + j)
+                loss = self._loss(x, targets, part, epoch, i * len(parts) + j)
                 scaled = loss * (len(part) / len(idx)) / config.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             sums.append(float(loss.detach()) * len(part))
+        self.step_loss = (self.step_loss[0] + sum(sums), self.step_loss[1] + len(idx))
         if last:
+            lr = self.opt.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
             if self.scaler:
                 self.scaler.step(self.opt)
                 self.scaler.update()
@@ -176,6 +199,11 @@ class Loop:
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.sched.step()
+            if self.ema is not None:
+                self.ema.update()
+            if self.tracker is not None:
+                self.tracker.log_step(self.sched.last_epoch, self.step_loss[0] / max(1, self.step_loss[1]), lr)
+            self.step_loss = (0.0, 0)
         return sums
 
     def epoch(self, epoch: int, bar: Any) -> dict[str, Any]:
@@ -189,8 +217,12 @@ class Loop:
         if threads_note and rt.is_main:
             bar.write(threads_note)
         seen, loss_sum, loss_n, t_epoch = 0, 0.0, 0, time.time()
-        batches = list(iterate_batches(len(self.job.train_cache), self.per_rank_batch, shuffle=True,
-                                       generator=self.gen, rank=rt.rank, world_size=rt.world_size))
+        if config.balanced_sampler:
+            batches = balanced_batches(self.job.train_cache.labels, self.per_rank_batch, self.gen, rt.rank,
+                                       rt.world_size)
+        else:
+            batches = list(iterate_batches(len(self.job.train_cache), self.per_rank_batch, shuffle=True,
+                                           generator=self.gen, rank=rt.rank, world_size=rt.world_size))
         for i, idx in enumerate(batches):
             last = (i + 1) % config.grad_accum == 0 or i + 1 == len(batches)
             for part_sum in self.step(idx, epoch, i, last):
@@ -223,7 +255,8 @@ class Loop:
             else:
                 rep = classification_report(logits, job.val_cache.labels, job.id2label)
                 record.update({"val_loss": rep["nll"], "val_accuracy": rep["accuracy"],
-                               "val_macro_f1": rep["macro_f1"]})
+                               "val_macro_f1": rep["macro_f1"],
+                               "val_recall_per_class": {k: v["recall"] for k, v in rep["per_class"].items()}})
                 score[0], score[1] = rep["accuracy"], -rep["nll"]
             if job.hook is not None:  # new-class recall; FP rate and retention on held-out negatives
                 record.update(job.hook.validate(logits))
@@ -241,42 +274,104 @@ def fit(job: Job, config: TrainConfig, rt: Runtime, writer: RunWriter, lora_scal
     """Run the epochs (from the checkpoint's, when resuming); the best epoch's files are in `writer.out`."""
     from tqdm.auto import tqdm
 
+    from .patch_dropout import PatchDropout
+    from .tracking import Tracker
+
     loop = Loop(job, config, rt, lora_scale)
     state = TrainState()
     if checkpoint is not None:
         state = restore_checkpoint(checkpoint, job.model, loop.opt, loop.sched, loop.gen)
         log(rt, f"resuming after epoch {state.epoch} of {config.epochs}")
+        if loop.ema is not None:  # the checkpoint holds the raw weights: the average restarts from them
+            loop.ema = Ema(job.model, config.ema)
+    patch_drop = PatchDropout(config.patch_keep, loop.gen)  # training forwards only; off (no hook) at 1.0
+    if config.patch_keep < 1.0:  # other architectures than ViT / DeiT train as before without it
+        patch_drop.attach(job.model)
     loop.wrap_distributed()
+    loop.tracker = Tracker(config.report_to, enabled=rt.is_main)
     bar = tqdm(total=loop.steps_per_epoch * config.epochs, initial=loop.steps_per_epoch * state.epoch,
                disable=not (progress and rt.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        record = loop.epoch(epoch, bar)
-        primary, tiebreak = loop.evaluate(record)
-        record["wall_s"] = time.time() - t_start
-        improved = primary > state.best_score or (primary == state.best_score and tiebreak > state.best_tiebreak)
-        if improved:
-            state.best_score, state.best_tiebreak, state.best_epoch, state.bad_epochs = primary, tiebreak, epoch, 0
-        else:
-            state.bad_epochs += 1
-        state.epoch = epoch
-        state.history.append(record)
-        if rt.is_main:
+    try:
+        loop.tracker.start(config.to_dict(), writer.out)
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            record = loop.epoch(epoch, bar)
+            primary, tiebreak, use_ema = _score_epoch(loop, record)
+            record["wall_s"] = time.time() - t_start
+            improved = primary > state.best_score or (primary == state.best_score and tiebreak > state.best_tiebreak)
             if improved:
-                if loop.thresholds is not None:
-                    writer.labels_info["thresholds"] = loop.thresholds
-                writer.best(job.model, epoch)
-            writer.epoch(state, job.model, loop.opt, loop.sched, loop.gen, config)
-            bar.write(epoch_line(record, config.epochs, improved))
-        stop = bool(config.early_stopping and state.bad_epochs >= config.early_stopping)
-        if stop:
-            log(rt, f"early stopping: no improvement for {state.bad_epochs} epochs")
-        if rt.is_main and on_epoch_end is not None:
-            on_epoch_end(record)
-        barrier(rt)
-        if stop:
-            break
-    bar.close()
+                state.best_score, state.best_tiebreak, state.best_epoch, state.bad_epochs = primary, tiebreak, epoch, 0
+            else:
+                state.bad_epochs += 1
+            state.epoch = epoch
+            state.history.append(record)
+            stop = should_stop(state, config)
+            if stop:
+                record["stopped"] = stop  # metrics.json says why the run ended before --epochs
+            loop.tracker.log_epoch(epoch, record)
+            if rt.is_main:
+                if improved:
+                    if loop.thresholds is not None:  # multi-label: the thresholds tuned on this epoch's validation
+                        writer.labels_info["thresholds"] = loop.thresholds
+                    with loop.ema.applied() if use_ema else nullcontext():
+                        writer.best(job.model, epoch)
+                writer.epoch(state, job.model, loop.opt, loop.sched, loop.gen, config)
+                bar.write(epoch_line(record, config.epochs, improved))
+            if stop:
+                log(rt, f"stopping after epoch {epoch} of {config.epochs}: {stop}")
+            if rt.is_main and on_epoch_end is not None:
+                on_epoch_end(record)
+            barrier(rt)
+            if stop:
+                break
+        loop.tracker.finish(ok=True)
+    finally:
+        loop.tracker.finish(ok=False)  # no-op when finished above; an interrupted run is marked FAILED
+        patch_drop.detach()
+        bar.close()
     return state
+
+
+def _score_epoch(loop: Loop, record: dict[str, Any]) -> tuple[float, float, bool]:
+    """Evaluate the epoch (and its EMA weights, with --ema): (score, tie-break, whether the EMA is kept).
+
+    With EMA the record's validation metrics are those of the weights kept this epoch
+    (`"weights": "ema"` or `"raw"`); the other set's are under `"raw_val"` / `"ema_val"`.
+    """
+    primary, tiebreak = loop.evaluate(record)
+    if loop.ema is None:
+        return primary, tiebreak, False
+    ema_record: dict[str, Any] = {"epoch": record["epoch"]}
+    with loop.ema.applied():
+        ema_primary, ema_tiebreak = loop.evaluate(ema_record)
+    use_ema = (ema_primary, ema_tiebreak) > (primary, tiebreak)
+    val_keys = [k for k in ema_record if k != "epoch"]
+    raw_val = {k: record[k] for k in val_keys if k in record}
+    record.update({"weights": "ema" if use_ema else "raw", "raw_val": raw_val, "ema_val": ema_record})
+    if use_ema:
+        record.update({k: ema_record[k] for k in val_keys})
+    ema_record.pop("epoch")
+    return (ema_primary, ema_tiebreak, True) if use_ema else (primary, tiebreak, False)
+
+
+CONVERGED = 0.10  # --auto-stop: the training loss fell by less than this fraction over the patience epochs
+
+
+def should_stop(state: TrainState, config: TrainConfig) -> str | None:
+    """Why to stop after this epoch, or None.
+
+    `--early-stopping N`: N epochs in a row without a better epoch. `--auto-stop N` (the default,
+    2) also waits for the training loss to have converged over those N epochs: while it still
+    falls, later epochs at the decayed learning rate can still win.
+    """
+    bad = state.bad_epochs
+    if config.early_stopping and bad >= config.early_stopping:
+        return f"no better epoch for {bad} epochs"
+    n = config.auto_stop
+    if n and bad >= n and len(state.history) > n:
+        before, now = state.history[-1 - n]["train_loss"], state.history[-1]["train_loss"]
+        if before - now < CONVERGED * before:
+            return f"no better epoch for {bad} epochs and the training loss converged ({before:.4f} -> {now:.4f})"
+    return None
 
 
 def epoch_line(r: dict[str, Any], epochs: int, improved: bool) -> str:

@@ -44,19 +44,30 @@ def wrap_lora(
     rank: int,
     alpha: float,
     dropout: float,
+    method: str = "lora",
 ) -> nn.Module:
-    """Freeze the base, add LoRA to the targets, train the head in full (`modules_to_save`)."""
-    from peft import LoraConfig, get_peft_model
+    """Freeze the base, add the adapter to the targets, train the head in full (`modules_to_save`).
 
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        modules_to_save=[head_name],
-        bias="none",
-    )
+    `method` picks peft's own variant: lora, dora (`use_dora`), rslora (`use_rslora`), or
+    peft's LoHa / LoKr (Hadamard / Kronecker products; `dropout` is their rank dropout). Every
+    one saves as a plain peft adapter that `PeftModel.from_pretrained` reloads and merges.
+    """
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+
+    common = {"r": rank, "target_modules": target_modules, "modules_to_save": [head_name]}
+    if method in ("loha", "lokr"):
+        config = (LoHaConfig if method == "loha" else LoKrConfig)(alpha=alpha, rank_dropout=dropout, **common)
+    else:
+        config = LoraConfig(lora_alpha=alpha, lora_dropout=dropout, bias="none", use_dora=method == "dora",
+                            use_rslora=method == "rslora", **common)
     return get_peft_model(model, config)
+
+
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_")  # names of adapter weights (LoRA/DoRA, LoHa, LoKr), not the head's
+
+
+def is_adapter_weight(name: str) -> bool:
+    return any(marker in name for marker in ADAPTER_MARKERS)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

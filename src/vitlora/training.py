@@ -3,8 +3,9 @@
 `train_to_dir` reads top to bottom as those phases, each a function here; the loop is
 `vitlora.loop`, what gets written is `vitlora.persist`, extend mode's plug-in is
 `vitlora.extend`. Speed comes from the data side: every image is decoded once into a uint8
-tensor at working size, and augmentation (random resized crop + flip + normalise) runs per
-batch as torch ops, so the model never waits for JPEG decoding.
+tensor at working size, and augmentation (random resized crop + flip + normalise, and the
+`--augment` policy / mixup / cutmix / erasing) runs per batch as torch ops, so the model never
+waits for JPEG decoding.
 """
 
 from __future__ import annotations
@@ -116,10 +117,15 @@ def find_data(config: TrainConfig) -> tuple[list[str], Any, list[Any]]:
         if config.resolved_mode == "extend":
             raise VitloraError("WebDataset shards train in replace mode only (extend mode keeps every training "
                                "image's base outputs, which a stream cannot)")
+        if config.balanced_sampler or config.class_weights != "none":
+            raise VitloraError("--balanced-sampler and --class-weights need every image's label up front; "
+                               "WebDataset shards are streamed (write class-balanced shards instead)")
         val = discover(config.val, label=config.label).samples if config.val else []
         return list(source.labels), source.shards, val
     if ml.is_multi_label(source.samples):  # several labels per image: sigmoid + BCE (vitlora.multilabel)
         ml.check_mode(config.resolved_mode)
+        if config.mixup or config.cutmix or config.balanced_sampler or config.class_weights != "none":
+            raise VitloraError("--mixup, --cutmix, --balanced-sampler and --class-weights are for single-label runs")
     if not config.val:
         splitter = ml.split if ml.is_multi_label(source.samples) else stratified_split
         train_samples, val_samples = splitter(source.samples, config.val_split, config.seed)
@@ -153,10 +159,10 @@ def build_model(config: TrainConfig, data_labels: list[str], log: Callable[[str]
             f"({shown}{', …' if len(change.matched) > 5 else ''}): their head rows start from the base")
     targets = resolve_targets(model, config.targets, change.head_name)
     model.config._name_or_path = base_info["base_model"]  # recorded in adapter_config.json
-    peft_model = wrap_lora(model, targets, change.head_name, config.rank, config.alpha, config.dropout)
+    peft_model = wrap_lora(model, targets, change.head_name, config.rank, config.alpha, config.dropout, config.method)
     use_fast_lora_dropout(peft_model)  # same dropout, without PEFT's CPU cost (see vitlora.lora)
     trainable, total = parameter_counts(peft_model)
-    log(f"{config.resolved_mode} mode: {len(change.labels)} labels ({len(change.new_labels)} new), LoRA "
+    log(f"{config.resolved_mode} mode: {len(change.labels)} labels ({len(change.new_labels)} new), {config.method} "
         f"r={config.rank} on {', '.join(targets)}; trainable params: {trainable:,} || all params: {total:,} "
         f"|| trainable%: {100 * trainable / total:.4f}")
     return Built(peft_model, change, targets, Preprocess.from_dict(processor), processor, base_info, fingerprint,

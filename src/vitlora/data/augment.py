@@ -32,10 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import AUGMENT_POLICIES as POLICIES
 from ..errors import VitloraError
 from .transforms import Preprocess, normalize_unit, random_resized_crop_flip
-
-POLICIES = ("basic", "trivial", "randaugment")
 
 
 def _check(policy: str, mixup: float, cutmix: float, random_erasing: float) -> None:
