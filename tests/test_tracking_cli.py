@@ -82,7 +82,9 @@ def test_interrupted_run_is_marked_failed(tiny_model: Path, colour_folder: Path,
 
     with pytest.raises(KeyboardInterrupt):
         train_to_dir(config, progress=False, on_epoch_end=interrupt)
-    assert list(_search_runs(out / "mlflow.db")["status"]) == ["FAILED"]
+    # the interrupted run waits, resumable, in its staging folder beside --out (vitlora.persist)
+    assert not out.exists()
+    assert list(_search_runs(tmp_path / ".run.staging" / "mlflow.db")["status"]) == ["FAILED"]
 
 
 def test_unknown_backend_is_refused_before_training(tiny_model: Path, colour_folder: Path, tmp_path: Path,
