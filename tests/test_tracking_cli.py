@@ -69,6 +69,7 @@ def test_interrupted_run_is_marked_failed(tiny_model: Path, colour_folder: Path,
                                           monkeypatch, quiet_env) -> None:
     pytest.importorskip("mlflow")
     from vitlora.config import TrainConfig
+    from vitlora.persist import staging_path
     from vitlora.training import train_to_dir
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -82,7 +83,8 @@ def test_interrupted_run_is_marked_failed(tiny_model: Path, colour_folder: Path,
 
     with pytest.raises(KeyboardInterrupt):
         train_to_dir(config, progress=False, on_epoch_end=interrupt)
-    assert list(_search_runs(out / "mlflow.db")["status"]) == ["FAILED"]
+    # the unfinished run stays in its staging folder beside --out (kept for --resume), its MLflow store with it
+    assert list(_search_runs(staging_path(out) / "mlflow.db")["status"]) == ["FAILED"]
 
 
 def test_unknown_backend_is_refused_before_training(tiny_model: Path, colour_folder: Path, tmp_path: Path,

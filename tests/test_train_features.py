@@ -59,7 +59,8 @@ def assert_plain_peft_and_merge_agree(out: Path, tiny_model: Path, data: Path) -
 
 
 def assert_best_epoch_on_disk(out: Path, data: Path, tmp: Path, metrics: dict) -> None:
-    """`vitlora eval` of the saved run on its validation photos gives the best epoch's recorded loss."""
+    """`vitlora eval` of the saved run on its validation photos gives the best epoch's recorded loss
+    (the run was trained with --no-calibrate: no temperature folded into the head afterwards)."""
     best = next(e for e in metrics["epochs"] if e["epoch"] == metrics["best_epoch"])
     report = tmp / "eval.json"
     assert main(["eval", str(out), str(held_out(data, tmp / "val")), "--json", str(report)]) == 0
@@ -77,7 +78,8 @@ def default_run(tiny_model, colour_folder, tmp_path_factory) -> dict:
 def test_augment_policy_mixup_cutmix_erasing_train_and_reload(tiny_model, colour_folder, tmp_path, default_run,
                                                               quiet_env):
     out = tmp_path / "aug"
-    flags = ["--augment", "trivial", "--mixup", "0.8", "--cutmix", "1.0", "--random-erasing", "0.25"]
+    flags = ["--augment", "trivial", "--mixup", "0.8", "--cutmix", "1.0", "--random-erasing", "0.25",
+             "--no-calibrate"]
     metrics = train(tiny_model, colour_folder, out, *flags)
     config = json.loads((out / "vitlora.json").read_text())["config"]
     assert (config["augment"], config["mixup"], config["cutmix"], config["random_erasing"]) == (
@@ -98,7 +100,17 @@ def test_mixup_is_refused_in_extend_mode(tiny_model, red_folder, tmp_path, capsy
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model),
                  "--out", str(tmp_path / "x"), "--mixup", "0.2", *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("--mixup and --cutmix are for replace mode (extend mode's loss needs hard labels)")
+    assert err[-1].endswith("--mixup and --cutmix are for replace mode without --negatives (that loss needs hard "
+                            "labels)")
+
+
+def test_mixup_and_class_weights_are_refused_with_replace_mode_negatives(tiny_model, colour_folder, red_folder,
+                                                                         tmp_path, capsys, quiet_env):
+    for flags in (["--mixup", "0.2"], ["--class-weights", "auto"]):
+        assert main(["train", str(colour_folder), "--negatives", str(red_folder), "--model", str(tiny_model),
+                     "--out", str(tmp_path / "x"), *flags, *FAST]) == 2
+        assert "for replace mode without --negatives" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_augment_policy_is_one_line_error(tiny_model, colour_folder, tmp_path, capsys, quiet_env):
@@ -113,7 +125,7 @@ def test_unknown_augment_policy_is_one_line_error(tiny_model, colour_folder, tmp
 def test_patch_keep_trains_on_fewer_tokens_and_evaluates_on_all(tiny_model, colour_folder, tmp_path, default_run,
                                                                 quiet_env):
     out = tmp_path / "pd"
-    metrics = train(tiny_model, colour_folder, out, "--patch-keep", "0.5")
+    metrics = train(tiny_model, colour_folder, out, "--patch-keep", "0.5", "--no-calibrate")
     assert json.loads((out / "vitlora.json").read_text())["config"]["patch_keep"] == 0.5
     assert [e["train_loss"] for e in metrics["epochs"]] != [e["train_loss"] for e in default_run["epochs"]]
     # validation ran on all tokens: `vitlora eval` (no hook at all) reproduces the recorded loss
@@ -135,7 +147,7 @@ def test_ema_is_evaluated_each_epoch_and_the_better_weights_are_kept(tiny_model,
     out = tmp_path / "ema"
     monkeypatch.setenv("VITLORA_THREADS", "1")  # one thread: the same float sums every time
     # a far too high learning rate makes the raw weights jump around, which the average smooths
-    metrics = train(tiny_model, colour_folder, out, "--ema", "0.9", "--lr", "2", "--epochs", "4")
+    metrics = train(tiny_model, colour_folder, out, "--ema", "0.9", "--lr", "2", "--epochs", "4", "--no-calibrate")
     for e in metrics["epochs"]:
         assert e["weights"] in ("ema", "raw")
         raw, ema = e["raw_val"], e["ema_val"]
@@ -222,7 +234,7 @@ def test_class_weights_and_balanced_sampler_train_and_report_recall(tiny_model, 
 def test_class_weights_are_refused_in_extend_mode(tiny_model, red_folder, tmp_path, capsys, quiet_env):
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model),
                  "--out", str(tmp_path / "x"), "--class-weights", "auto", *FAST]) == 2
-    assert "--class-weights is for replace mode" in capsys.readouterr().err
+    assert "--class-weights is for replace mode without --negatives" in capsys.readouterr().err
 
 
 def test_extend_mode_takes_ema_patch_keep_sampler_and_dora_together(tiny_model, red_folder, colour_folder,
