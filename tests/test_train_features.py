@@ -62,7 +62,8 @@ def assert_plain_peft_and_merge_agree(out: Path, tiny_model: Path, data: Path) -
 
 
 def assert_best_epoch_on_disk(out: Path, data: Path, tmp: Path, metrics: dict) -> None:
-    """`vitlora eval` of the saved run on its validation photos gives the best epoch's recorded loss."""
+    """`vitlora eval` of the saved run on its validation photos gives the best epoch's recorded loss
+    (the run was trained with --no-calibrate: no temperature folded into the head afterwards)."""
     best = next(e for e in metrics["epochs"] if e["epoch"] == metrics["best_epoch"])
     report = tmp / "eval.json"
     assert main(["eval", str(out), str(held_out(data, tmp / "val")), "--json", str(report)]) == 0
@@ -101,7 +102,17 @@ def test_mixup_is_refused_in_extend_mode(tiny_model, red_folder, tmp_path, capsy
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model),
                  "--out", str(tmp_path / "x"), "--mixup", "0.2", *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("--mixup and --cutmix are for replace mode (extend mode's loss needs hard labels)")
+    assert err[-1].endswith("--mixup and --cutmix are for replace mode without --negatives (that loss needs hard "
+                            "labels)")
+
+
+def test_mixup_and_class_weights_are_refused_with_replace_mode_negatives(tiny_model, colour_folder, red_folder,
+                                                                         tmp_path, capsys, quiet_env):
+    for flags in (["--mixup", "0.2"], ["--class-weights", "auto"]):
+        assert main(["train", str(colour_folder), "--negatives", str(red_folder), "--model", str(tiny_model),
+                     "--out", str(tmp_path / "x"), *flags, *FAST]) == 2
+        assert "for replace mode without --negatives" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_unknown_augment_policy_is_one_line_error(tiny_model, colour_folder, tmp_path, capsys, quiet_env):
@@ -225,7 +236,7 @@ def test_class_weights_and_balanced_sampler_train_and_report_recall(tiny_model, 
 def test_class_weights_are_refused_in_extend_mode(tiny_model, red_folder, tmp_path, capsys, quiet_env):
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model),
                  "--out", str(tmp_path / "x"), "--class-weights", "auto", *FAST]) == 2
-    assert "--class-weights is for replace mode" in capsys.readouterr().err
+    assert "--class-weights is for replace mode without --negatives" in capsys.readouterr().err
 
 
 def test_extend_mode_takes_ema_patch_keep_sampler_and_dora_together(tiny_model, red_folder, colour_folder,

@@ -160,10 +160,12 @@ class TrainConfig:
         for name, choices in (("method", METHODS), ("augment", AUGMENT_POLICIES), ("class_weights", ("none", "auto"))):
             if getattr(self, name) not in choices:
                 raise VitloraError(f"{_flag(name)} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
-        if self.resolved_mode == "extend" and (self.mixup or self.cutmix):
-            raise VitloraError("--mixup and --cutmix are for replace mode (extend mode's loss needs hard labels)")
-        if self.resolved_mode == "extend" and self.class_weights != "none":
-            raise VitloraError("--class-weights is for replace mode (extend mode balances its own loss)")
+        own_loss = self.resolved_mode == "extend" or bool(self.negatives)  # the mode's hook computes the loss
+        if own_loss and (self.mixup or self.cutmix):
+            raise VitloraError("--mixup and --cutmix are for replace mode without --negatives (that loss needs hard "
+                               "labels)")
+        if own_loss and self.class_weights != "none":
+            raise VitloraError("--class-weights is for replace mode without --negatives (that loss balances itself)")
         if (self.augment != "basic" or self.mixup or self.cutmix or self.random_erasing) and not find_spec("kornia"):
             raise VitloraError("--augment trivial/randaugment, --mixup, --cutmix and --random-erasing need kornia: "
                                "pip install 'vitlora[augment]'")

@@ -340,10 +340,12 @@ def _score_epoch(loop: Loop, record: dict[str, Any]) -> tuple[float, float, bool
     primary, tiebreak = loop.evaluate(record)
     if loop.ema is None:
         return primary, tiebreak, False
-    ema_record: dict[str, Any] = {"epoch": record["epoch"]}
+    raw_thresholds, ema_record = loop.thresholds, {"epoch": record["epoch"]}
     with loop.ema.applied():
         ema_primary, ema_tiebreak = loop.evaluate(ema_record)
     use_ema = (ema_primary, ema_tiebreak) > (primary, tiebreak)
+    if not use_ema:  # multi-label: the thresholds saved with the best epoch are the kept weights' own
+        loop.thresholds = raw_thresholds
     val_keys = [k for k in ema_record if k != "epoch"]
     raw_val = {k: record[k] for k in val_keys if k in record}
     record.update({"weights": "ema" if use_ema else "raw", "raw_val": raw_val, "ema_val": ema_record})
