@@ -347,7 +347,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "num_labels": len(id2label),
         "new_labels": labels.get("new_labels", []),
         "labels": [id2label[str(i)] for i in range(len(id2label))],
-        "lora": {"r": cfg["rank"], "alpha": cfg["alpha"], "dropout": cfg["dropout"],
+        "lora": {"method": cfg.get("method", "lora"), "r": cfg["rank"], "alpha": cfg["alpha"], "dropout": cfg["dropout"],
                  "targets": cfg["targets"], "target_modules": meta["target_modules"], "head": meta["head"]},
         "trainable_params": meta["trainable_params"],
         "total_params": meta["total_params"],
@@ -367,7 +367,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if info["new_labels"]:
         print(f"new labels: {', '.join(info['new_labels'])}")
     lo = info["lora"]
-    print(f"LoRA:       r={lo['r']} alpha={lo['alpha']} dropout={lo['dropout']} on {', '.join(lo['targets'])} "
+    print(f"{lo['method'] + ':':<11} r={lo['r']} alpha={lo['alpha']} dropout={lo['dropout']} on {', '.join(lo['targets'])} "
           f"({', '.join(lo['target_modules'])}); head '{lo['head']}' trained in full")
     print(f"trainable params: {info['trainable_params']:,} || all params: {info['total_params']:,} "
           f"|| trainable%: {info['trainable_percent']:.4f}")
