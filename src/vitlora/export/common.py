@@ -300,3 +300,44 @@ def check_model(model: Any) -> None:
 def read_labels_doc(folder: Path) -> dict:
     """An export folder's labels.json as written by `write_sidecars`."""
     return json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+
+
+@dataclass
+class ExportJob:
+    """What every exporter checks and prepares before writing anything: the same for ONNX and OpenVINO."""
+
+    final: Path
+    preprocess_json: str
+    labels: list[str]
+    problem_type: str | None
+    images: torch.Tensor
+    work: Any  # the CPU fp32 eager copy that is exported
+    batches: list
+    references: list
+
+    @classmethod
+    def prepare(cls, model: PreTrainedModel, out_dir: str | Path, preprocess: dict, overwrite: bool,
+                verify_images: torch.Tensor | None) -> ExportJob:
+        """Model, preprocessing and destination checked; the PyTorch reference logits computed."""
+        check_model(model)
+        preprocess_json = check_preprocess(preprocess)
+        final = Path(out_dir).expanduser().resolve()
+        check_destination(final, overwrite)
+        labels = model_labels(model)
+        images = real_images(model, preprocess, verify_images)
+        work, batches, references = reference(model, images, len(labels))
+        return cls(final, preprocess_json, labels, getattr(model.config, "problem_type", None), images, work,
+                   batches, references)
+
+    def write_sidecars(self, folder: Path) -> None:
+        write_sidecars(folder, self.labels, self.preprocess_json, self.problem_type)
+
+    def verify(self, predictor: Any, runtime: str) -> tuple[float, bool]:
+        """(max probability difference, top-1 identical) of ``predictor`` against PyTorch."""
+        return compare([predictor.logits(b) for b in self.batches], self.references, runtime)
+
+    def report(self, opset: int, max_diff: float, top1_agree: bool, export_seconds: float,
+               int8: Any = None) -> ExportReport:
+        return ExportReport(path=self.final, opset=opset, n_labels=len(self.labels), max_abs_prob_diff=max_diff,
+                            top1_agree=top1_agree, batch_sizes_checked=tuple(int(b.shape[0]) for b in self.batches),
+                            export_seconds=export_seconds, int8=int8)

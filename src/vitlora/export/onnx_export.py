@@ -28,19 +28,12 @@ from vitlora.export.common import (
     INPUT_NAME,
     MODEL_FILE,
     OUTPUT_NAME,
+    ExportJob,
     ExportReport,
     LogitsOnly,
-    check_destination,
-    check_model,
-    check_preprocess,
-    compare,
-    model_labels,
     one_line,
-    real_images,
-    reference,
     require,
     staging,
-    write_sidecars,
 )
 from vitlora.export.int8 import MIN_AGREEMENT, quantize_int8
 from vitlora.export.predictor import OnnxPredictor
@@ -123,33 +116,17 @@ def export_onnx(
     """
     for dep in ("onnx", "onnxscript", "onnxruntime"):
         require(dep)
-    check_model(model)
-    preprocess_json = check_preprocess(preprocess)
     _check_opset(opset)
     if int8 and verify_images is None:
         raise VitloraError("an int8 export needs real photos to check its agreement on: pass verify_images")
-    final = Path(out_dir).expanduser().resolve()
-    check_destination(final, overwrite)
-    labels = model_labels(model)
-    images = real_images(model, preprocess, verify_images)
-
     started = time.perf_counter()
-    work, batches, references = reference(model, images, len(labels))
-    with staging(final, overwrite) as tmp:
-        written = write_verified_onnx(work, images, tmp / MODEL_FILE, opset)
-        write_sidecars(tmp, labels, preprocess_json, getattr(model.config, "problem_type", None))
+    job = ExportJob.prepare(model, out_dir, preprocess, overwrite, verify_images)
+    with staging(job.final, overwrite) as tmp:
+        written = write_verified_onnx(job.work, job.images, tmp / MODEL_FILE, opset)
+        job.write_sidecars(tmp)
         export_seconds = time.perf_counter() - started
         predictor = OnnxPredictor(tmp, int8=False)
-        max_diff, top1_agree = compare([predictor.logits(b) for b in batches], references, "ONNX")
+        max_diff, top1_agree = job.verify(predictor, "ONNX")
         del predictor  # release the session (and its file handle) before renaming
-        int8_report = quantize_int8(tmp, images.numpy(), min_agreement) if int8 else None
-    return ExportReport(
-        path=final,
-        opset=written,
-        n_labels=len(labels),
-        max_abs_prob_diff=max_diff,
-        top1_agree=top1_agree,
-        batch_sizes_checked=tuple(int(b.shape[0]) for b in batches),
-        export_seconds=export_seconds,
-        int8=int8_report,
-    )
+        int8_report = quantize_int8(tmp, job.images.numpy(), min_agreement) if int8 else None
+    return job.report(written, max_diff, top1_agree, export_seconds, int8_report)

@@ -21,18 +21,11 @@ from vitlora.errors import VitloraError
 from vitlora.export.common import (
     MODEL_FILE,
     OPENVINO_MODEL_FILE,
+    ExportJob,
     ExportReport,
-    check_destination,
-    check_model,
-    check_preprocess,
-    compare,
-    model_labels,
     one_line,
-    real_images,
-    reference,
     require,
     staging,
-    write_sidecars,
 )
 from vitlora.export.onnx_export import write_verified_onnx
 from vitlora.export.predictor import Predictor
@@ -64,33 +57,18 @@ def export_openvino(
     """
     for dep in ("onnx", "onnxscript", "openvino"):
         require(dep)
-    check_model(model)
-    preprocess_json = check_preprocess(preprocess)
-    final = Path(out_dir).expanduser().resolve()
-    check_destination(final, overwrite)
-    labels = model_labels(model)
-    images = real_images(model, preprocess, verify_images)
-
     started = time.perf_counter()
-    work, batches, references = reference(model, images, len(labels))
-    with staging(final, overwrite) as tmp:
-        write_verified_onnx(work, images, tmp / MODEL_FILE, None)
+    job = ExportJob.prepare(model, out_dir, preprocess, overwrite, verify_images)
+    with staging(job.final, overwrite) as tmp:
+        write_verified_onnx(job.work, job.images, tmp / MODEL_FILE, None)
         _onnx_to_ir(tmp / MODEL_FILE, tmp / OPENVINO_MODEL_FILE)
         (tmp / MODEL_FILE).unlink()
-        write_sidecars(tmp, labels, preprocess_json, getattr(model.config, "problem_type", None))
+        job.write_sidecars(tmp)
         export_seconds = time.perf_counter() - started
         predictor = OpenVinoPredictor(tmp)
-        max_diff, top1_agree = compare([predictor.logits(b) for b in batches], references, "OpenVINO")
+        max_diff, top1_agree = job.verify(predictor, "OpenVINO")
         del predictor
-    return ExportReport(
-        path=final,
-        opset=0,
-        n_labels=len(labels),
-        max_abs_prob_diff=max_diff,
-        top1_agree=top1_agree,
-        batch_sizes_checked=tuple(int(b.shape[0]) for b in batches),
-        export_seconds=export_seconds,
-    )
+    return job.report(0, max_diff, top1_agree, export_seconds)
 
 
 class OpenVinoPredictor(Predictor):
