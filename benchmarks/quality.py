@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
+SHARED = Path(os.environ.get("VITLORA_SHARED") or HERE.parent.parent / "shared")  # elsewhere (a GPU box): set it
 MODEL = SHARED / "models" / "deit-tiny-patch16-224"
 RACCOON = SHARED / "data" / "raccoon"
 PETS = SHARED / "data" / "pets-negatives"
@@ -242,6 +242,44 @@ def replace_breeds(a, work: Path, negatives: bool) -> dict[str, Any]:
     return row
 
 
+STACK_BREEDS = ["Abyssinian", "American_Bobtail", "American_Curl", "American_Shorthair"]
+
+
+def stack_sequence(a, work: Path, pos_train: list[Path], pos_test: list[Path], neg_train: Path,
+                   inet: dict[Path, str]) -> dict[str, Any]:
+    """Issue 11 goal 5: a raccoon run (with negatives), then four cat breeds added one after another with
+    `--model PREVIOUS_RUN` (150 photos each, positives only, defaults); the last run is scored on photos no
+    step saw: each breed's held-out photos (45 each), the raccoon fold, the ImageNet photos."""
+    rng = random.Random(a.seed + 2)
+    epochs = ["--epochs", str(a.epochs)] if a.epochs else []
+    data = work / "stack" / "raccoon"
+    link_folder(data, pos_train)
+    run = work / "stack" / "run-0-raccoon"
+    cli(["train", str(data), "--label", "raccoon", "--model", str(MODEL), "--out", str(run), "--seed", str(a.seed),
+         "--negatives", str(neg_train)] + epochs + a.extra, work / "stack-0-train.log")
+    tests: dict[str, list[Path]] = {"raccoon": pos_test}
+    for i, breed in enumerate(STACK_BREEDS, 1):
+        files = images(BREEDS / breed)
+        rng.shuffle(files)
+        tests[breed] = files[150:195]
+        folder = work / "stack" / breed
+        link_folder(folder, files[:150])
+        nxt = work / "stack" / f"run-{i}-{breed}"
+        cli(["train", str(folder), "--label", breed, "--model", str(run), "--out", str(nxt), "--seed", str(a.seed)]
+            + epochs + a.extra, work / f"stack-{i}-train.log")
+        run = nxt
+    row: dict[str, Any] = {"run": f"stacked: raccoon + {len(STACK_BREEDS)} breeds (scored after the last step)"}
+    for label, files in tests.items():
+        p = predict(run, files, work, f"stack-{label}")
+        row[f"recall_{label}"] = float(np.mean([top1(r)[0] == label for r in p.values()]))
+        row[f"n_{label}"] = len(p)
+    p_in = predict(run, images(IMAGENET), work, "stack-inet")
+    row["imagenet_top1"] = float(np.mean([top1(r)[0] == inet[k] for k, r in p_in.items()]))
+    row["imagenet_taken_by_new"] = float(np.mean([top1(r)[0] in tests for r in p_in.values()]))
+    row["n_imagenet"] = len(p_in)
+    return row
+
+
 def base_row(inet: dict[Path, str]) -> dict[str, Any]:
     """The base model on the ImageNet photos: top-1 and ECE of its own softmax (what extend mode must keep)."""
     import torch
@@ -268,6 +306,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             "temperature", "off_task_rejected", "in_task_rejected", "rejection_auroc", "fpr_at_95_tpr",
             "in_task_accuracy_drop", "linear_probe_accuracy"]
     cols = [c for c in cols if any(c in r for r in rows)]
+    cols += list(dict.fromkeys(k for r in rows for k in r if k.startswith("recall_")))  # the stacking row's
     fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -288,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-negatives", type=int, default=100, help="cats and as many dogs given as --negatives")
     ap.add_argument("--epochs", type=int, default=None, help="passed to vitlora train (default: its own)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["all", "extend", "replace"], default="all")
+    ap.add_argument("--only", choices=["all", "extend", "replace", "stack"], default="all",
+                    help="all = extend + replace; stack (not in all: ~5 runs) = the stacking sequence on fold 0")
     ap.add_argument("--extend-runs", choices=["both", "with-negatives", "positives-only"], default="both",
                     help="which extend scenarios to run")
     ap.add_argument("--breeds-train-cap", type=int, default=None,
@@ -304,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vitlora-quality-"))
     rng = random.Random(a.seed)
     rows: list[dict[str, Any]] = []
-    if a.only in ("all", "extend"):
+    if a.only in ("all", "extend", "stack"):
         pos = images(RACCOON)
         rng.shuffle(pos)
         cats, dogs = images(PETS / "cat"), images(PETS / "dog")
@@ -314,9 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         neg_train = work / "neg-train"
         link_folder(neg_train, cats[:n] + dogs[:n])
         neg_test = cats[n:] + dogs[n:]
-        base = base_top1(neg_test)
         inet = imagenet_labels()
-        for with_neg in {"both": (True, False), "with-negatives": (True,), "positives-only": (False,)}[a.extend_runs]:
+        if a.only == "stack":
+            test = pos[0::a.folds]
+            rows.append(stack_sequence(a, work, [p for p in pos if p not in set(test)], test, neg_train, inet))
+        base = base_top1(neg_test) if a.only != "stack" else {}
+        scenarios = {"both": (True, False), "with-negatives": (True,), "positives-only": (False,)}[a.extend_runs]
+        for with_neg in scenarios if a.only != "stack" else ():
             fold_rows = []
             for k in range(a.run_folds or a.folds):
                 test = pos[k::a.folds]

@@ -17,6 +17,7 @@ from vitlora.extend_math import (
     distill_kl,
     extend_loss,
     imprint_rows,
+    linear_probe,
     new_class_margins,
     positive_threshold,
     reject_new,
@@ -238,6 +239,27 @@ def test_extend_run_records_metrics_and_calibration(ext_run: Path):
     assert meta["extend"]["calibration"]["raccoon"]["bias_shift"] == pytest.approx(-cal["threshold"])
 
 
+def test_extend_stops_once_the_kept_epoch_cannot_change(tiny_model: Path, red_folder: Path, tmp_path: Path):
+    """Positives only, the score is the held-out recall; the first epoch already has all of them (1.0).
+    Extend mode keeps the earliest of equal epochs, so auto-stop ends the run there and metrics.json
+    says why; with --auto-stop 0 all epochs run, epoch 1 is still the one kept, and the run is the same."""
+    args = ["train", red_folder, "--label", "raccoon", "--model", tiny_model, "--val-split", "0.25", *FAST[2:],
+            "--epochs", "4"]
+    assert run_cli(*args, "--out", tmp_path / "auto") == 0
+    assert run_cli(*args, "--out", tmp_path / "all", "--auto-stop", "0") == 0
+    auto = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    full = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    first = auto["epochs"][0]
+    assert first["new_class_recall"] == 1.0
+    assert len(auto["epochs"]) == 1 and "the most there is" in first["stopped"]
+    assert len(full["epochs"]) == 4 and full["best_epoch"] == auto["best_epoch"] == 1
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "auto" / "adapter_model.safetensors")), load_file(
+        str(tmp_path / "all" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the same run
+
+
 def test_extend_held_out_calibration_when_cv_folds_0(tiny_model: Path, red_folder: Path, neg_folder: Path,
                                                      tmp_path: Path, capsys):
     out = tmp_path / "held"
@@ -257,6 +279,49 @@ def test_summary_says_out_of_fold_with_sample_size(tiny_model: Path, red_folder:
                    neg_folder, "--val-split", "0.25", "--cv-folds", "4", *FAST) == 0
     err = capsys.readouterr().err
     assert "out of fold (4 folds over all 16 photos" in err and "on 16 photos" in err and "on 20 negatives" in err
+
+
+def test_linear_probe_keeps_rows_within_max_norm_and_bias_free():
+    """Separable positives vs negatives: unbounded, the logistic loss keeps lengthening the row; with
+    `max_norm` every row ends at most that long and the bias still moves."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.cat([torch.randn(20, 6, generator=g) + 3, torch.randn(20, 6, generator=g) - 3])
+    labels = torch.cat([torch.full((20,), 4), torch.full((20,), -1)])
+    teacher = torch.randn(40, 4, generator=g)
+    w0, b0 = torch.full((1, 6), 0.1), torch.zeros(1)
+    w_free, _ = linear_probe(feats, labels, teacher, w0, b0, distill=1.0, steps=200, lr=0.05)
+    w_cap, b_cap = linear_probe(feats, labels, teacher, w0, b0, distill=1.0, steps=200, lr=0.05, max_norm=0.5)
+    assert w_free.norm() > 1.0  # grows past the cap below when free
+    assert w_cap.norm() <= 0.5 + 1e-5 and b_cap.abs().item() > 1e-3
+    # the capped row still separates the two groups
+    new = feats @ w_cap.T + b_cap
+    assert new[:20].min() > new[20:].max()
+
+
+def test_row_norm_cap_default_only_with_negatives():
+    from types import SimpleNamespace
+
+    from vitlora.crossfit import ROW_NORM_CAP, row_norm_limit
+
+    change = SimpleNamespace(row_norm=2.0)
+    auto, off, set_ = (SimpleNamespace(row_norm_cap=v) for v in (None, 0.0, 3.0))
+    assert row_norm_limit(change, auto, negatives=True) == pytest.approx(ROW_NORM_CAP * 2.0)
+    assert row_norm_limit(change, auto, negatives=False) is None
+    assert row_norm_limit(change, off, negatives=True) is None
+    assert row_norm_limit(change, set_, negatives=False) == pytest.approx(6.0)
+
+
+def test_extend_run_with_negatives_has_capped_rows(ext_run: Path, tiny_model: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageClassification
+
+    from vitlora.crossfit import ROW_NORM_CAP
+
+    base = AutoModelForImageClassification.from_pretrained(tiny_model)
+    saved = load_file(str(ext_run / "adapter_model.safetensors"))
+    w = next(v for k, v in saved.items() if k.endswith("classifier.weight"))
+    median = base.classifier.weight.detach().norm(dim=1).median()
+    assert w[8].norm() <= ROW_NORM_CAP * median + 1e-4
 
 
 def test_extend_keeps_old_head_rows_exactly(ext_run: Path, tiny_model: Path):
@@ -341,16 +406,19 @@ def test_stacking_two_extend_runs_keeps_old_and_first_classes(ext_run: Path, tin
     m = negative_metrics(stacked, str(greens), str(neg_folder / "b"), label="lime")
     assert set(m) >= {"new_class_recall", "false_positive_rate", "retention"}
     assert m["new_class_recall"]["mean"] >= 0.9
-    # the first run's stored exemplars of "raccoon" (all 16 photos) protect it in the stacked run
+    # the first run's stored exemplars of "raccoon" (all 16 photos) protect it in the stacked run, and the
+    # features of its 20 negatives (class id -1) travel too, so a later step with positives only still has
+    # photos of other things (here: its own 10 blue negatives + the 20 carried)
     from safetensors.torch import load_file
 
     first_ex = load_file(str(ext_run / "exemplars.safetensors"))
-    assert first_ex["labels"].tolist() == [8] * 16 and first_ex["features"].shape == (16, 32)
+    assert first_ex["labels"].tolist() == [8] * 16 + [-1] * 20 and first_ex["features"].shape == (36, 32)
     oof = meta["extend"]["out_of_fold"]
     assert oof["n_exemplars"] == 16 and 0 <= oof["earlier_classes_kept"] <= 1
-    stacked_ex = load_file(str(out / "exemplars.safetensors"))
-    assert sorted(stacked_ex["labels"].tolist()) == [8] * 16 + [9] * 12  # inherited + its own
-    assert torch.equal(stacked_ex["features"][:16], first_ex["features"])
+    assert (oof["n_negatives"], oof["n_carried_negatives"]) == (30, 20) and 0 <= oof["false_positive_rate"] <= 1
+    stacked_ex = load_file(str(out / "exemplars.safetensors"))  # inherited 36 + its own 12 + its 10 negatives
+    assert sorted(stacked_ex["labels"].tolist()) == [-1] * 30 + [8] * 16 + [9] * 12
+    assert torch.equal(stacked_ex["features"][:36], first_ex["features"])
 
 
 def test_negative_metrics_match_hand_computation(ext_run: Path, red_folder: Path, neg_folder: Path, tiny_model):
@@ -398,3 +466,41 @@ def test_without_negatives_warns_and_says_fp_not_measured(tiny_model: Path, red_
     err = capsys.readouterr().err
     assert "warning: trained without --negatives" in err and "could not be measured" in err
     assert "new-class recall:" in err
+
+
+def test_threshold_floor_keeps_earlier_classes_exemplars():
+    """Positives alone would put the threshold at -1.5 (their 95 % point); 20 exemplars of an earlier class
+    score 0..1.9, so the floor lets the new class take at most 1 of them (floor((1 - 0.95) * 20))."""
+    from vitlora.extend_math import new_class_shift
+
+    pos = torch.linspace(-1.0, 5.0, 40)
+    ex = torch.arange(20, dtype=torch.float32) / 10  # 0.0 .. 1.9
+    margins = torch.cat([pos, ex])[:, None]
+    labels = torch.cat([torch.full((40,), 7), torch.full((20,), -2)])
+    alone = new_class_shift(pos[:, None], labels[:40], [7], 0.95)
+    t = new_class_shift(margins, labels, [7], 0.95)
+    assert alone.item() < 0 and t.item() == pytest.approx(1.8)
+    assert int((ex > t).sum()) == 1  # one exemplar taken, 19 kept
+    negatives_only = torch.cat([torch.full((40,), 7), torch.full((20,), -1)])  # photos of other things: no floor
+    assert new_class_shift(margins, negatives_only, [7], 0.95).item() == pytest.approx(alone.item())
+
+
+def test_stacked_positives_only_uses_carried_negatives(ext_run: Path, tiny_model: Path, tmp_path: Path, capsys):
+    """ext_run was trained with 20 negatives; a run stacked on it with positives only gets their features as
+    negatives (no 'could not be measured' warning; the summary's FP rate is on those 20) and capped rows."""
+    from safetensors.torch import load_file
+
+    from vitlora.crossfit import ROW_NORM_CAP
+
+    greens = tmp_path / "greens"
+    make_colour_images(greens, "green", 12, seed=31)
+    out = tmp_path / "stacked-pos"
+    assert run_cli("train", greens, "--label", "lime", "--model", ext_run, "--out", out, "--val-split", "0.25",
+                   *FAST) == 0
+    err = capsys.readouterr().err
+    assert "the 20 negatives carried from" in err and "could not be measured" not in err
+    oof = json.loads((out / "vitlora.json").read_text())["extend"]["out_of_fold"]
+    assert (oof["n_negatives"], oof["n_carried_negatives"]) == (20, 20) and "false_positive_rate" in oof
+    w = next(v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if k.endswith("classifier.weight"))
+    median = w[:9].norm(dim=1).median()  # the rows of the run it stacks on (8 base rows + raccoon)
+    assert w[9].norm() <= ROW_NORM_CAP * median + 1e-4

@@ -89,3 +89,20 @@ def test_auroc_and_fpr_at_tpr_by_hand():
     assert fpr_at_tpr(pos, neg, 0.95) == pytest.approx(2 / 3)
     # 75 %: threshold 0.7 -> only 0.85
     assert fpr_at_tpr(pos, neg, 0.75) == pytest.approx(1 / 3)
+
+
+def test_ece_if_calibrated_is_the_small_sample_floor():
+    """A perfectly calibrated model still shows ECE > 0 on few images; the floor shrinks with more of them
+    and is ~0 when every score is 1 (a right answer each time)."""
+    from vitlora.metrics import ece_if_calibrated, expected_calibration_error
+
+    g = torch.Generator().manual_seed(1)
+    few, many = 0.3 + 0.7 * torch.rand(200, generator=g), 0.3 + 0.7 * torch.rand(5000, generator=g)
+    floor_few, floor_many = ece_if_calibrated(few), ece_if_calibrated(many)
+    assert 0.05 < floor_few < 0.11 and floor_many < 0.03 and floor_many < floor_few / 2
+    assert ece_if_calibrated(torch.ones(50)) == 0.0
+    assert ece_if_calibrated(few) == floor_few  # seeded
+    # a model that says 0.95 but is right half the time is far above its floor
+    sure = torch.full((200,), 0.95)
+    wrong = torch.arange(200) % 2 == 0
+    assert expected_calibration_error(sure, wrong) > 5 * ece_if_calibrated(sure)

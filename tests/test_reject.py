@@ -176,7 +176,7 @@ def test_eval_reports_ece_reliability_png_and_rejection(reject_run: Path, colour
     assert run_cli("eval", reject_run, colour_folder, "--negatives", off_task, "--json", out) == 0
     printed = capsys.readouterr().out
     r = json.loads(out.read_text())
-    assert 0 <= r["ece"] <= 1 and "ece" in printed
+    assert 0 <= r["ece"] <= 1 and "ece" in printed and 0 < r["ece_if_calibrated"] < 1 and "ece_if_calibrated" in printed
     assert 0 <= r["rejection_auroc"] <= 1 and 0 <= r["fpr_at_95_tpr"] <= 1 and r["n_negatives"] == 24
     assert 0 <= r["negatives_rejected"] <= 1 and 0 <= r["in_task_rejected"] <= 1
     # by hand: max logit over the 3 task classes ("unknown", id 3, left out), in-task vs off-task

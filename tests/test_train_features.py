@@ -281,3 +281,20 @@ def test_stopped_run_says_why_in_metrics(tiny_model, colour_folder, tmp_path, qu
     last = metrics["epochs"][-1]
     assert len(metrics["epochs"]) < 6 and last["stopped"].startswith("no better epoch for 1 epochs")
     assert all("stopped" not in e for e in metrics["epochs"][:-1])
+
+
+def test_auto_stop_when_the_kept_epoch_cannot_change():
+    """Extend / reject scores keep the earliest of equal epochs: at 1.0 nothing later can be kept, so stop
+    (unless auto-stop is off, there is no later epoch, or the score has a tie-break, as replace mode's has)."""
+    from vitlora.config import TrainConfig
+    from vitlora.loop import should_stop
+    from vitlora.persist import TrainState
+
+    state = TrainState(epoch=1, history=[{"epoch": 1, "train_loss": 0.9}], best_epoch=1, best_score=1.0)
+    cfg = TrainConfig(data="x", epochs=5)
+    assert "the most there is" in should_stop(state, cfg, ties_keep_earliest=True)
+    assert should_stop(state, cfg, ties_keep_earliest=False) is None
+    assert should_stop(state, TrainConfig(data="x", epochs=5, auto_stop=0), ties_keep_earliest=True) is None
+    assert should_stop(state, TrainConfig(data="x", epochs=1), ties_keep_earliest=True) is None
+    state.best_score = 0.99
+    assert should_stop(state, cfg, ties_keep_earliest=True) is None

@@ -191,6 +191,7 @@ def format_eval(r: dict[str, Any]) -> str:
         lines.append(f"negatives: {r['n_negatives']} from {r['negatives']} (false positives, retention, rejection)")
     for key in ("mean_average_precision", "subset_accuracy", "bce",  # multi-label runs (vitlora.multilabel)
                 "accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "nll", "ece",
+                "ece_if_calibrated",
                 "new_class_recall", "false_positive_rate", "retention", "rejection_auroc", "fpr_at_95_tpr",
                 "negatives_rejected", "in_task_rejected"):
         value = r.get(key)

@@ -14,7 +14,7 @@ from . import multilabel
 from .errors import VitloraError
 from .extend_math import shift_metrics
 from .inference import batched_logits
-from .metrics import auroc, classification_report, fpr_at_tpr, reliability_bins
+from .metrics import auroc, classification_report, ece_if_calibrated, fpr_at_tpr, reliability_bins
 from .run import Run
 from .surgery import normalize_label
 
@@ -57,8 +57,9 @@ def evaluate(run: Run, data: str, label: str | None = None, strict: bool = False
         logits = _run_logits(run, cache, batch_size)
         result = classification_report(logits, cache.labels, run.id2label)
         if len(cache):  # the reliability diagram's bins (top-1 softmax score against accuracy)
-            result["reliability"] = reliability_bins(torch.softmax(logits, -1).max(-1).values,
-                                                     logits.argmax(-1) == cache.labels)
+            top1 = torch.softmax(logits, -1).max(-1).values
+            result["reliability"] = reliability_bins(top1, logits.argmax(-1) == cache.labels)
+            result["ece_if_calibrated"] = ece_if_calibrated(top1)  # what ECE a perfect model shows on these
     result["skipped"] = report.count
     if report.count:
         result["skipped_files"] = [{"path": p, "reason": r} for p, r in report.skipped[:20]]

@@ -64,7 +64,7 @@ from .extend_math import (
     shift_metrics,
 )
 from .heads import BaseOutputs, base_outputs, eval_view, freeze_rows, new_ids_of, reload_best, trainable_head
-from .crossfit import load_exemplars, old_rows_logits
+from .crossfit import exemplar_labels, load_exemplars, old_rows_logits, row_norm_limit
 from .inference import cache_logits
 
 LORA_LR_SCALE = 0.1  # extend mode: LoRA weights learn at this fraction of --lr unless --lora-lr-scale says otherwise
@@ -147,9 +147,9 @@ class Extender:
             self.teacher_neg = neg_base.logits[:, : self.n_old]
             feats = torch.cat([feats, neg_base.features])
             labels = torch.cat([labels, torch.full((len(neg_train),), -1, dtype=labels.dtype)])
-        if self.exemplars is not None:  # negatives for the new rows (old logits: the frozen old rows)
+        if self.exemplars is not None:  # earlier classes (-2), carried negatives (-1): scored by the old rows
             feats = torch.cat([feats, self.exemplars[0]])
-            labels = torch.cat([labels, torch.full((len(self.exemplars[1]),), -2, dtype=labels.dtype)])
+            labels = torch.cat([labels, exemplar_labels(self.exemplars[1]).to(labels.dtype)])
         if config.lp_steps and self.new_ids:
             self._linear_probe(feats, labels)
         if neg_val is not None:
@@ -162,9 +162,12 @@ class Extender:
         teacher = torch.cat([self.teacher_pos] + ([self.teacher_neg] if self.teacher_neg is not None else [])
                             + ([old_rows_logits(head, self.n_old, self.exemplars[0])] if self.exemplars is not None
                                else []))
-        bias = head.bias[self.new_ids] if head.bias is not None else torch.zeros(len(self.new_ids))
-        w, b = linear_probe(feats, labels, teacher, head.weight[self.new_ids], bias, self.config.distill,
-                            self.config.lp_steps, self.config.lp_lr, self.config.temperature)
+        # the probe runs on the CPU tensors the caches gave (features, teacher logits); the head may be on a GPU
+        row = head.weight[self.new_ids].detach().float().cpu()
+        bias = head.bias[self.new_ids].detach().float().cpu() if head.bias is not None else torch.zeros(len(row))
+        w, b = linear_probe(feats, labels, teacher, row, bias,
+                            self.config.distill, self.config.lp_steps, self.config.lp_lr, self.config.temperature,
+                            row_norm_limit(self.change, self.config, negatives=bool((labels == -1).any())))
         with torch.no_grad():
             head.weight[self.new_ids] = w.to(head.weight)
             if head.bias is not None:
@@ -319,6 +322,12 @@ class Extender:
                          "not measured; check with vitlora eval RUN DATA --negatives DIR")
             return
         names = ", ".join(f'"{self.id2label[c]}"' for c in self.new_ids)
+        carried = int((self.exemplars[1] == -1).sum()) if self.exemplars is not None else 0
+        if carried:
+            self.log(f"note: trained without --negatives; the {carried} negatives carried from {self.config.model} "
+                     f"showed the model where {names} ends (the false-positive rate above is on them). For photos "
+                     "of other things like this task's, add --negatives DIR.")
+            return
         self.log(f"warning: trained without --negatives: nothing showed the model where {names} ends, and its "
                  "false-positive rate could not be measured (no photos of other things were held out; held-out "
                  "positives say nothing about it). Add --negatives DIR (photos of other things; "

@@ -9,6 +9,10 @@ Conventions (documented in the README):
 - `ece` (expected calibration error of the top-1 score, Guo et al. 2017): the scores are
   put in 15 equal-width bins ((0, 1/15], (1/15, 2/15], ..., a score of exactly 0 goes in the
   first), and ECE = sum over bins of (n_bin / N) * |mean score in bin - accuracy in bin|;
+- `ece_if_calibrated`: the median ECE that a *perfectly* calibrated model with the same top-1
+  scores would show on the same number of images (each image correct with probability equal to
+  its score; 200 seeded draws). ECE is a biased estimate: on 199 photos with scores spread over
+  0.3-1 it is ~0.08 for a perfect model, so an ECE is only evidence of miscalibration well above this;
 - the confusion matrix covers the labels that occur in the data or in the predictions,
   rows = true label, columns = predicted label, in the order given by `labels`.
 """
@@ -100,6 +104,17 @@ def expected_calibration_error(scores: torch.Tensor, correct: torch.Tensor, bins
         return float("nan")
     return float(sum(b["count"] / n * abs(b["confidence"] - b["accuracy"])
                      for b in reliability_bins(scores, correct, bins) if b["count"]))
+
+
+def ece_if_calibrated(scores: torch.Tensor, draws: int = 200, bins: int = ECE_BINS, seed: int = 0) -> float:
+    """Median ECE of a perfectly calibrated model with these top-1 scores on this many images (the noise floor)."""
+    s = scores.double().flatten()
+    if s.numel() == 0:
+        return float("nan")
+    g = torch.Generator().manual_seed(seed)
+    vals = [expected_calibration_error(s, torch.rand(s.shape, generator=g, dtype=torch.float64) < s, bins)
+            for _ in range(draws)]
+    return float(torch.tensor(vals).median())
 
 
 def auroc(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> float:
