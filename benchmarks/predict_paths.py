@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_top1 = top1(outs[names[1]])
     lines = [f"Predict end to end over {a.n} JPEGs, median of {a.repeats} interleaved rounds; "
              f"{cpu_line()}; Python {platform.python_version()}.", "",
-             "| pipeline | wall s (median) | images/s | × the lab's loop | top-1 = PyTorch run's |", "|---|---|---|---|---|"]
+             "| pipeline | wall s (median) | images/s | × the lab's loop | top-1 = PyTorch run's |",
+             "|---|---|---|---|---|"]
     for name in names:
         w = statistics.median(walls[name])
         agree = ""
