@@ -321,7 +321,8 @@ def test_extend_run_with_negatives_has_capped_rows(ext_run: Path, tiny_model: Pa
     saved = load_file(str(ext_run / "adapter_model.safetensors"))
     w = next(v for k, v in saved.items() if k.endswith("classifier.weight"))
     median = base.classifier.weight.detach().norm(dim=1).median()
-    assert w[8].norm() <= ROW_NORM_CAP * median + 1e-4
+    t = json.loads((ext_run / "vitlora.json").read_text())["extend"]["temperature"]["value"]
+    assert w[8].norm() * t <= ROW_NORM_CAP * median + 1e-4  # capped, then the whole head divided by T
 
 
 def test_extend_keeps_old_head_rows_exactly(ext_run: Path, tiny_model: Path):
@@ -333,9 +334,30 @@ def test_extend_keeps_old_head_rows_exactly(ext_run: Path, tiny_model: Path):
     w = next(v for k, v in saved.items() if k.endswith("classifier.weight"))
     b = next(v for k, v in saved.items() if k.endswith("classifier.bias"))
     assert w.shape[0] == 9
-    assert torch.equal(w[:8], base.classifier.weight.detach()) and torch.equal(b[:8], base.classifier.bias.detach())
+    # trained with negatives: the out-of-fold temperature T divides the whole head (every answer unchanged),
+    # so the old rows are the base's over T, exactly that
     meta = json.loads((ext_run / "vitlora.json").read_text())
-    assert b[8].item() == pytest.approx(meta["extend"]["calibration"]["raccoon"]["bias"], abs=1e-6)
+    t = meta["extend"]["temperature"]["value"]
+    assert 0.05 <= t <= 20 and meta["extend"]["temperature"]["n_images"] == 36
+    assert torch.allclose(w[:8] * t, base.classifier.weight.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(b[:8] * t, base.classifier.bias.detach(), atol=1e-5, rtol=1e-5)
+    assert b[8].item() * t == pytest.approx(meta["extend"]["calibration"]["raccoon"]["bias"], abs=1e-4)
+
+
+def test_extend_without_calibration_keeps_old_rows_exactly(tiny_model: Path, red_folder: Path, neg_folder: Path,
+                                                           tmp_path: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageClassification
+
+    out = tmp_path / "raw"
+    assert run_cli("train", red_folder, "--label", "raccoon", "--model", tiny_model, "--out", out,
+                   "--negatives", neg_folder, "--val-split", "0.25", "--no-calibrate", *FAST) == 0
+    base = AutoModelForImageClassification.from_pretrained(tiny_model)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    w = next(v for k, v in saved.items() if k.endswith("classifier.weight"))
+    b = next(v for k, v in saved.items() if k.endswith("classifier.bias"))
+    assert torch.equal(w[:8], base.classifier.weight.detach()) and torch.equal(b[:8], base.classifier.bias.detach())
+    assert "temperature" not in json.loads((out / "vitlora.json").read_text())["extend"]
 
 
 def test_imprinting_initialises_new_rows_from_class_means(tiny_model: Path, colour_folder: Path):
@@ -398,10 +420,12 @@ def test_stacking_two_extend_runs_keeps_old_and_first_classes(ext_run: Path, tin
     assert run.new_labels == ["lime"]
     meta = json.loads((out / "vitlora.json").read_text())
     assert meta["stacked_on"] and Path(meta["base_model"]) == ext_run.resolve()
-    # the first run's head rows (base + raccoon) are carried over exactly
+    # the first run's head rows (base + raccoon) are carried over exactly, up to this run's own temperature
     first = vitlora.load(ext_run)
     stacked = vitlora.load(out)
-    assert torch.equal(stacked.model.classifier.weight[:9], first.model.classifier.weight)
+    t = meta["extend"]["temperature"]["value"]
+    assert torch.allclose(stacked.model.classifier.weight[:9] * t, first.model.classifier.weight, atol=1e-5,
+                          rtol=1e-5)
     # retention is measured against the first run (merged), the stacked run's base
     m = negative_metrics(stacked, str(greens), str(neg_folder / "b"), label="lime")
     assert set(m) >= {"new_class_recall", "false_positive_rate", "retention"}
@@ -504,3 +528,24 @@ def test_stacked_positives_only_uses_carried_negatives(ext_run: Path, tiny_model
     w = next(v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if k.endswith("classifier.weight"))
     median = w[:9].norm(dim=1).median()  # the rows of the run it stacks on (8 base rows + raccoon)
     assert w[9].norm() <= ROW_NORM_CAP * median + 1e-4
+
+
+def test_extend_temperature_sharpens_an_underconfident_head_and_softens_an_overconfident_one():
+    from vitlora.extend_math import fit_extend_temperature
+
+    def head(margin: float, wrong: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """4 old classes + 1 new; 20 positives, 20 negatives; `wrong` of each on the wrong side by `margin`."""
+        rows, labels = [], []
+        for i in range(20):
+            sign = -1.0 if i < wrong else 1.0
+            rows.append([0.0, 0.0, 0.0, 0.0, sign * margin])  # positive: the new class wins unless wrong
+            labels.append(4)
+            rows.append([margin, 0.0, 0.0, 0.0, -sign * margin])  # negative: old class 0 wins unless wrong
+            labels.append(-1)
+        return torch.tensor(rows), torch.tensor(labels)
+
+    under, y = head(margin=1.0, wrong=1)  # right 95 % of the time, but softmax says ~40 %
+    over, y2 = head(margin=12.0, wrong=6)  # says ~100 %, right 70 % of the time
+    t_under, t_over = fit_extend_temperature(under, y, 4), fit_extend_temperature(over, y2, 4)
+    assert t_under < 1.0 < t_over
+    assert torch.equal((under / t_under).argmax(-1), under.argmax(-1))  # dividing by T keeps every answer

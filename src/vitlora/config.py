@@ -106,8 +106,9 @@ class TrainConfig:
                                           "with --negatives, else no cap). "
                                           "Unbounded rows grew ~9x and gave the new class 3-4 in 100 ImageNet photos")
     # honest probabilities, out-of-fold thresholds, "unknown" (see vitlora.calibration, vitlora.reject)
-    no_calibrate: bool = _f(False, "replace mode: keep the raw probabilities (by default a temperature fitted on the "
-                                   "validation split is folded into the head)")
+    no_calibrate: bool = _f(False, "keep the raw probabilities (by default a temperature is folded into the head: "
+                                   "fitted on the validation split in replace mode, on the out-of-fold logits in "
+                                   "extend mode with negatives)")
     cv_folds: int = _f(5, "extend mode: folds over all photos for the out-of-fold threshold and summary (0: "
                           "calibrate on the held-out photos only)")
     oe_weight: float = _f(0.5, "replace mode with --negatives: weight of the outlier-exposure loss on negatives")

@@ -35,6 +35,7 @@ import torch
 
 from .extend_math import (
     cross_fitted_metrics,
+    fit_extend_temperature,
     fold_ids,
     linear_probe,
     new_class_shift,
@@ -177,6 +178,7 @@ def cross_fit(ext: Any) -> dict[str, Any] | None:
             calibration[ext.id2label[cid]] = {
                 "threshold": float(t[j]), "bias_shift": -float(t[j]), "bias": float(head.bias[cid]),
                 "n_pos": n_per_class[j], "calibrated": True, "method": f"out-of-fold conformal, {k} folds"}
+    temperature = _fold_temperature(head, old, new_oof - t, labels, ext.n_old, c)
     rec = metrics["new_class_recall"]
     oof: dict[str, Any] = {"folds": k, "n_positives": sum(n_per_class), "n_negatives": int((labels < 0).sum()),
                            "new_class_recall": {**{ext.id2label[cid]: r for cid, r in rec.items()},
@@ -187,7 +189,22 @@ def cross_fit(ext: Any) -> dict[str, Any] | None:
     oof["n_exemplars"] = int((labels == -2).sum())
     oof["n_carried_negatives"] = int((ext.exemplars[1] == -1).sum()) if ext.exemplars is not None else 0
     oof["exemplars_saved"] = save_exemplars(ext.out, feats, labels, ext.new_ids, ext.exemplars, c.seed)
-    return {"calibration": calibration, "out_of_fold": oof}
+    return {"calibration": calibration, "out_of_fold": oof} | ({"temperature": temperature} if temperature else {})
+
+
+def _fold_temperature(head: Any, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, n_old: int,
+                      config: Any) -> dict[str, Any] | None:
+    """With negatives: fit T on the out-of-fold logits (`fit_extend_temperature`) and divide the whole head by
+    it (every answer unchanged; every consumer of the head sees the same probabilities). None: not fitted."""
+    if config.no_calibrate or not bool((labels == -1).any()):
+        return None
+    from .calibration import fold_temperature
+
+    scored = (labels >= 0) | (labels == -1)
+    logits = torch.cat([old, new], dim=1)
+    t = fit_extend_temperature(logits[scored], labels[scored], n_old)
+    fold_temperature(head, t)
+    return {"value": t, "n_images": int(scored.sum()), "method": "out-of-fold logits (positives and negatives)"}
 
 
 def summary_lines(s: dict[str, Any], names: str) -> list[str]:
@@ -215,4 +232,9 @@ def summary_lines(s: dict[str, Any], names: str) -> list[str]:
         lines.append(f"  threshold {label}: bias shifted by {e['bias_shift']:+.3f} so that {label} wins when its "
                      f"logit beats the best old class by > {e['threshold']:.2f} (conformal recall "
                      f"{s['target_recall']:.2f} on {e['n_pos']} out-of-fold margins)")
+    if s.get("temperature"):
+        tmp = s["temperature"]
+        lines.append(f"  temperature {tmp['value']:.3f} fitted on the {tmp['n_images']} out-of-fold photos, then the "
+                     "whole head divided by it: probabilities are softmax(logits / T) (the threshold above is in "
+                     "logits before it), every answer unchanged")
     return lines
