@@ -119,6 +119,21 @@ def base_top1(files: list[Path]) -> dict[Path, str]:
     return out
 
 
+def extend_split(work: Path, seed: int, n_neg: int = 100) -> tuple[list[Path], Path, list[Path]]:
+    """(raccoons in fold order: fold k is pos[k::folds], the training negatives' folder - n_neg cats and
+    n_neg dogs linked under `work` -, the other pets photos for scoring): one seeded shuffle."""
+    rng = random.Random(seed)
+    pos = images(RACCOON)
+    rng.shuffle(pos)
+    cats, dogs = images(PETS / "cat"), images(PETS / "dog")
+    rng.shuffle(cats)
+    rng.shuffle(dogs)
+    neg_train = work / "neg-train"
+    if not neg_train.exists():
+        link_folder(neg_train, cats[:n_neg] + dogs[:n_neg])
+    return pos, neg_train, cats[n_neg:] + dogs[n_neg:]
+
+
 def imagenet_labels() -> dict[Path, str]:
     import csv
 
@@ -139,17 +154,24 @@ def extend_fold(a, work: Path, fold: int, pos_train: list[Path], pos_test: list[
     p_pos = predict(run, pos_test, work, f"{tag}-pos")
     p_neg = predict(run, neg_test, work, f"{tag}-neg")
     p_in = predict(run, images(IMAGENET), work, f"{tag}-inet")
-    inet_top1 = [top1(r)[0] for r in p_in.values()]
+    answers = [{k: top1(r) for k, r in p.items()} for p in (p_pos, p_neg, p_in)]
+    return {"run": tag, **extend_scores(*answers, base, inet), "oof_recall": _claimed_recall(run)}
+
+
+def extend_scores(pos: dict, neg: dict, inet_answers: dict, base: dict, inet: dict,
+                  new: str = "raccoon") -> dict[str, Any]:
+    """Extend-mode figures from photo -> (top-1 label, score) of fresh positives, test negatives and the
+    ImageNet photos; `base`: the base model's top-1 per negative, `inet`: the ImageNet photos' labels."""
     return {
-        "run": tag, "n_pos": len(p_pos), "n_neg": len(p_neg), "n_imagenet": len(p_in),
-        "recall": float(np.mean([top1(r)[0] == "raccoon" for r in p_pos.values()])),
-        "false_positive_rate": float(np.mean([top1(r)[0] == "raccoon" for r in p_neg.values()])),
-        "retention": float(np.mean([top1(r)[0] == base[k] for k, r in p_neg.items()])),
-        "imagenet_top1": float(np.mean([top1(r)[0] == inet[k] for k, r in p_in.items()])),
-        "imagenet_taken_by_new": float(np.mean([lab == "raccoon" for lab in inet_top1])),
-        "ece_raccoon": ece([top1(r)[1] for r in p_pos.values()], [top1(r)[0] == "raccoon" for r in p_pos.values()]),
-        "ece_imagenet": ece([top1(r)[1] for r in p_in.values()], [top1(r)[0] == inet[k] for k, r in p_in.items()]),
-        "oof_recall": _claimed_recall(run),
+        "n_pos": len(pos), "n_neg": len(neg), "n_imagenet": len(inet_answers),
+        "recall": float(np.mean([lab == new for lab, _ in pos.values()])),
+        "false_positive_rate": float(np.mean([lab == new for lab, _ in neg.values()])),
+        "retention": float(np.mean([lab == base[k] for k, (lab, _) in neg.items()])),
+        "imagenet_top1": float(np.mean([lab == inet[k] for k, (lab, _) in inet_answers.items()])),
+        "imagenet_taken_by_new": float(np.mean([lab == new for lab, _ in inet_answers.values()])),
+        "ece_raccoon": ece([s for _, s in pos.values()], [lab == new for lab, _ in pos.values()]),
+        "ece_imagenet": ece([s for _, s in inet_answers.values()],
+                            [lab == inet[k] for k, (lab, _) in inet_answers.items()]),
     }
 
 
@@ -342,18 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.run_folds, a.epochs = 1, a.epochs or 2
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vitlora-quality-"))
-    rng = random.Random(a.seed)
     rows: list[dict[str, Any]] = []
     if a.only in ("all", "extend", "stack"):
-        pos = images(RACCOON)
-        rng.shuffle(pos)
-        cats, dogs = images(PETS / "cat"), images(PETS / "dog")
-        rng.shuffle(cats)
-        rng.shuffle(dogs)
-        n = a.train_negatives
-        neg_train = work / "neg-train"
-        link_folder(neg_train, cats[:n] + dogs[:n])
-        neg_test = cats[n:] + dogs[n:]
+        pos, neg_train, neg_test = extend_split(work, a.seed, a.train_negatives)
         inet = imagenet_labels()
         if a.only == "stack":
             test = pos[0::a.folds]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -85,30 +84,14 @@ def extend_row(work: Path, name: str, kw: dict[str, Any], fold: int, folds: int,
     def top1(files: list[Path]) -> dict[Path, tuple[str, float]]:
         return {Path(p.path): p.top_k[0] for p in run.predict(files, top_k=1, batch_size=64)}
 
-    pos, neg, inet = top1(test), top1(ctx["neg_test"]), top1(list(ctx["inet"]))
-    new = "raccoon"
-    return {"task": "extend", "variant": name, "fold": fold, "n_pos": len(pos), "n_neg": len(neg),
-            "recall": float(np.mean([lab == new for lab, _ in pos.values()])),
-            "false_positive_rate": float(np.mean([lab == new for lab, _ in neg.values()])),
-            "retention": float(np.mean([lab == ctx["base"][p] for p, (lab, _) in neg.items()])),
-            "imagenet_top1": float(np.mean([lab == ctx["inet"][p] for p, (lab, _) in inet.items()])),
-            "imagenet_taken_by_new": float(np.mean([lab == new for lab, _ in inet.values()])),
-            "ece_raccoon": q.ece([s for _, s in pos.values()], [lab == new for lab, _ in pos.values()]),
-            "oof_recall": q._claimed_recall(run.run_dir), "wall_s": wall}
+    scores = q.extend_scores(top1(test), top1(ctx["neg_test"]), top1(list(ctx["inet"])), ctx["base"], ctx["inet"])
+    return {"task": "extend", "variant": name, "fold": fold, **scores, "oof_recall": q._claimed_recall(run.run_dir),
+            "wall_s": wall}
 
 
 def extend_context(work: Path, seed: int = 0, n_neg: int = 100) -> dict[str, Any]:
-    """quality.py's split: shuffled raccoons, 100 cats + 100 dogs to train on, the rest to test on."""
-    rng = random.Random(seed)
-    pos = q.images(q.RACCOON)
-    rng.shuffle(pos)
-    cats, dogs = q.images(q.PETS / "cat"), q.images(q.PETS / "dog")
-    rng.shuffle(cats)
-    rng.shuffle(dogs)
-    neg_train = work / "neg-train"
-    if not neg_train.exists():
-        q.link_folder(neg_train, cats[:n_neg] + dogs[:n_neg])
-    neg_test = cats[n_neg:] + dogs[n_neg:]
+    """quality.py's split (`quality.extend_split`), the base's top-1 on the test negatives, the ImageNet labels."""
+    pos, neg_train, neg_test = q.extend_split(work, seed, n_neg)
     return {"pos": pos, "neg_train": neg_train, "neg_test": neg_test, "base": q.base_top1(neg_test),
             "inet": q.imagenet_labels()}
 

@@ -39,6 +39,19 @@ def make_tiny_model(path: Path, labels: list[str] = TINY_BASE_LABELS, seed: int 
     return path
 
 
+def plain_peft_model(base_model: Path | str, run_dir: Path):
+    """A run reloaded the way the README shows, with plain transformers + peft only (no vitlora)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    labels = json.loads((Path(run_dir) / "labels.json").read_text())
+    id2label = {int(k): v for k, v in labels["id2label"].items()}
+    base = AutoModelForImageClassification.from_pretrained(
+        base_model, num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"],
+        ignore_mismatched_sizes=True)
+    return PeftModel.from_pretrained(base, run_dir).eval()
+
+
 def make_colour_images(folder: Path, colour: str, n: int, seed: int, size=(40, 36)) -> list[Path]:
     from PIL import Image
 

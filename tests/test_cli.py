@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import plain_peft_model
 
 from vitlora.cli import main
 
@@ -119,19 +120,11 @@ def test_predict_json_csv_and_table(replace_run: Path, colour_folder: Path, tmp_
 
 
 def test_reload_with_plain_peft_gives_identical_predictions(replace_run: Path, tiny_model: Path, colour_folder):
-    from peft import PeftModel
-    from transformers import AutoModelForImageClassification
-
     import vitlora
     from vitlora.data import normalize, resize_for_eval
     from PIL import Image
 
-    labels = json.loads((replace_run / "labels.json").read_text())
-    id2label = {int(k): v for k, v in labels["id2label"].items()}
-    base = AutoModelForImageClassification.from_pretrained(
-        tiny_model, num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"],
-        ignore_mismatched_sizes=True)
-    plain = PeftModel.from_pretrained(base, replace_run).eval()
+    plain = plain_peft_model(tiny_model, replace_run)
     run = vitlora.load(replace_run, merge=False)
     merged = vitlora.load(replace_run, merge=True)
     files = sorted((colour_folder / "green").iterdir())[:6]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEIT, RACCOON, need_shared
+from conftest import DEIT, RACCOON, need_shared, plain_peft_model
 from vitlora.cli import main
 
 pytestmark = pytest.mark.slow
@@ -58,27 +58,21 @@ def test_held_out_raccoons_are_recognised(run_dir: Path, split, tmp_path: Path):
 
 
 def test_plain_peft_reload_and_merge_agree(run_dir: Path, split, tmp_path: Path):
-    from peft import PeftModel
     from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+    from transformers import AutoImageProcessor, pipeline
 
     import vitlora
 
     _, test = split
     files = sorted(test.iterdir())[:8]
-    labels = json.loads((run_dir / "labels.json").read_text())
-    id2label = {int(k): v for k, v in labels["id2label"].items()}
-    base = AutoModelForImageClassification.from_pretrained(
-        DEIT, num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"],
-        ignore_mismatched_sizes=True)
-    plain = PeftModel.from_pretrained(base, run_dir).eval()
+    plain = plain_peft_model(DEIT, run_dir)
     processor = AutoImageProcessor.from_pretrained(run_dir)
     x = processor([Image.open(f) for f in files], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         plain_probs = plain(pixel_values=x).logits.softmax(-1)
     ours = vitlora.load(run_dir).predict([str(f) for f in files], top_k=1)
     for row, pred in zip(plain_probs, ours):
-        assert id2label[int(row.argmax())] == pred.top_k[0][0]
+        assert plain.config.id2label[int(row.argmax())] == pred.top_k[0][0]
         assert abs(float(row.max()) - pred.top_k[0][1]) < 1e-4
 
     merged = tmp_path / "merged"

@@ -531,7 +531,7 @@ def test_stacked_positives_only_uses_carried_negatives(ext_run: Path, tiny_model
 
 
 def test_extend_temperature_sharpens_an_underconfident_head_and_softens_an_overconfident_one():
-    from vitlora.extend_math import fit_extend_temperature
+    from vitlora.calibration import fit_extend_temperature
 
     def head(margin: float, wrong: int) -> tuple[torch.Tensor, torch.Tensor]:
         """4 old classes + 1 new; 20 positives, 20 negatives; `wrong` of each on the wrong side by `margin`."""

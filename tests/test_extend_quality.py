@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -68,18 +67,11 @@ def quality():
 def data(tmp_path_factory, quality) -> dict:
     """Fold 0 of benchmarks/quality.py's protocol (same seeds, same split code path)."""
     root = tmp_path_factory.mktemp("raccoon-quality")
-    rng = random.Random(SEED)
-    pos = quality.images(RACCOON)
-    rng.shuffle(pos)
-    cats, dogs = quality.images(PETS / "cat"), quality.images(PETS / "dog")
-    rng.shuffle(cats)
-    rng.shuffle(dogs)
-    quality.link_folder(root / "neg-train", cats[:100] + dogs[:100])
+    pos, neg_train, neg_test = quality.extend_split(root, SEED, 100)
     test = pos[0::5]
-    neg_test = cats[100:] + dogs[100:]
     inet = quality.imagenet_labels()
     return {"root": root, "train": [p for p in pos if p not in set(test)], "test": test,
-            "neg_train": root / "neg-train", "neg_test": neg_test, "base": quality.base_top1(neg_test),
+            "neg_train": neg_train, "neg_test": neg_test, "base": quality.base_top1(neg_test),
             "inet": inet, "base_row": quality.base_row(inet)}
 
 

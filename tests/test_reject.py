@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import plain_peft_model
 
 from vitlora.calibration import (
     append_unknown_row,
@@ -133,19 +134,13 @@ def test_predict_marks_rejected_rows_in_json_csv_and_table(reject_run: Path, off
 
 def test_unknown_agrees_across_plain_peft_merge_and_onnx(reject_run: Path, tiny_model: Path, off_task: Path,
                                                           tmp_path: Path):
-    from peft import PeftModel
     from PIL import Image
-    from transformers import AutoModelForImageClassification, pipeline
+    from transformers import pipeline
 
     import vitlora
     from vitlora.data import normalize, resize_for_eval
 
-    labels = json.loads((reject_run / "labels.json").read_text())
-    id2label = {int(k): v for k, v in labels["id2label"].items()}
-    base = AutoModelForImageClassification.from_pretrained(
-        tiny_model, num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"],
-        ignore_mismatched_sizes=True)
-    plain = PeftModel.from_pretrained(base, reject_run).eval()
+    plain = plain_peft_model(tiny_model, reject_run)
     run = vitlora.load(reject_run, merge=True)
     files = sorted((off_task / "dark").iterdir())[:4] + sorted((off_task / "light").iterdir())[:4]
     x = normalize(torch.stack([resize_for_eval(Image.open(f).convert("RGB"), run.preprocess) for f in files]),
@@ -158,7 +153,7 @@ def test_unknown_agrees_across_plain_peft_merge_and_onnx(reject_run: Path, tiny_
     clf = pipeline("image-classification", model=str(merged), device="cpu")
     for f, probs in zip(files, torch.softmax(ref, -1)):
         top = clf(str(f), top_k=1)[0]
-        assert top["label"] == id2label[int(probs.argmax())]
+        assert top["label"] == plain.config.id2label[int(probs.argmax())]
         assert top["score"] == pytest.approx(float(probs.max()), abs=1e-3)
     pytest.importorskip("onnxruntime")
     onnx_dir, a, b = tmp_path / "onnx", tmp_path / "a.json", tmp_path / "b.json"

@@ -69,12 +69,16 @@ def _colour_images(colour_folder: Path, n: int = 6) -> list[Image.Image]:
     return [Image.open(p) for p in paths[:n]]
 
 
+def _mixed_batch(two_runs, colour_folder) -> tuple[list, object, list[Image.Image], list[str]]:
+    """Both runs loaded as one batch group, and six photos with the adapter each row asks for."""
+    adapters = load_adapters(two_runs, device="cpu")
+    names = ["colours", "raccoon", "raccoon", "colours", "raccoon", "colours"]
+    return adapters, adapters[0].batch_group, _colour_images(colour_folder), names
+
+
 def test_mixed_batch_equals_single_adapter_runs(two_runs, colour_folder):
     """One forward pass over rows of both adapters = each row run alone through its own adapter (fp32)."""
-    adapters = load_adapters(two_runs, device="cpu")
-    group = adapters[0].batch_group
-    images = _colour_images(colour_folder)
-    names = ["colours", "raccoon", "raccoon", "colours", "raccoon", "colours"]
+    adapters, group, images, names = _mixed_batch(two_runs, colour_folder)
     mixed = group.predict_mixed(images, names, top_k=3)
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():  # the two LoRAs really differ, so a row given the wrong one would show
@@ -189,10 +193,7 @@ def test_http_explain_draws_the_runs_own_gradcam(two_runs, colour_folder):
 
 
 def test_explain_holds_the_batch_lock_and_concurrent_predictions_are_unchanged(two_runs, colour_folder):
-    adapters = load_adapters(two_runs, device="cpu")
-    group = adapters[0].batch_group
-    images = _colour_images(colour_folder)
-    names = ["colours", "raccoon", "raccoon", "colours", "raccoon", "colours"]
+    adapters, group, images, names = _mixed_batch(two_runs, colour_folder)
     alone = group.predict_mixed(images, names, top_k=3)
     locked: list[bool] = []
     hook = group.heads["raccoon"].register_forward_hook(lambda *_: locked.append(group.lock.locked()))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_colour_images
+from conftest import make_colour_images, plain_peft_model
 from vitlora.cli import main
 
 FAST = ["--epochs", "3", "--batch-size", "8", "--lr", "5e-3", "--quiet", "--rank", "4", "--alpha", "8",
@@ -40,19 +40,12 @@ def held_out(data: Path, tmp: Path) -> Path:
 
 
 def assert_plain_peft_and_merge_agree(out: Path, tiny_model: Path, data: Path) -> None:
-    from peft import PeftModel
     from PIL import Image
-    from transformers import AutoModelForImageClassification
 
     import vitlora
     from vitlora.data import normalize, resize_for_eval
 
-    labels = json.loads((out / "labels.json").read_text())
-    id2label = {int(k): v for k, v in labels["id2label"].items()}
-    base = AutoModelForImageClassification.from_pretrained(
-        tiny_model, num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"],
-        ignore_mismatched_sizes=True)
-    plain = PeftModel.from_pretrained(base, out).eval()
+    plain = plain_peft_model(tiny_model, out)
     merged = vitlora.load(out, merge=True)
     files = sorted(p for p in data.rglob("*") if p.is_file())[::4]
     x = normalize(torch.stack([resize_for_eval(Image.open(f).convert("RGB"), merged.preprocess) for f in files]),

@@ -35,7 +35,6 @@ import torch
 
 from .extend_math import (
     cross_fitted_metrics,
-    fit_extend_temperature,
     fold_ids,
     linear_probe,
     new_class_shift,
@@ -82,9 +81,8 @@ def save_exemplars(out: Any, feats: torch.Tensor, labels: torch.Tensor, new_ids:
 
     g = torch.Generator().manual_seed(seed)
     keep_f, keep_y = ([inherited[0]], [inherited[1]]) if inherited is not None else ([], [])
-    if inherited is not None:  # the inherited rows come last in `labels` (`_gather`); kept above, once
-        labels = labels.clone()
-        labels[len(labels) - len(inherited[1]):] = -3
+    if inherited is not None:  # they come last in `feats` (`_gather`) and are kept above, once
+        feats, labels = feats[: len(labels) - len(inherited[1])], labels[: len(labels) - len(inherited[1])]
     for cid, n in [(c, EXEMPLARS_PER_CLASS) for c in new_ids] + [(-1, NEGATIVES_KEPT)]:
         rows = (labels == cid).nonzero().flatten()
         rows = rows[torch.randperm(len(rows), generator=g)[:n]]
@@ -198,7 +196,7 @@ def _fold_temperature(head: Any, old: torch.Tensor, new: torch.Tensor, labels: t
     it (every answer unchanged; every consumer of the head sees the same probabilities). None: not fitted."""
     if config.no_calibrate or not bool((labels == -1).any()):
         return None
-    from .calibration import fold_temperature
+    from .calibration import fit_extend_temperature, fold_temperature
 
     scored = (labels >= 0) | (labels == -1)
     logits = torch.cat([old, new], dim=1)
