@@ -128,6 +128,77 @@ def test_patch_keep_trains_on_fewer_tokens_and_evaluates_on_all(tiny_model, colo
     assert_plain_peft_and_merge_agree(out, tiny_model, colour_folder)
 
 
+# ---- --train-size ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def input_sides(monkeypatch):
+    """Records (training?, side) of every image the ViT patch embedding sees."""
+    from transformers.models.vit.modeling_vit import ViTPatchEmbeddings
+
+    seen: list[tuple[bool, int]] = []
+    forward = ViTPatchEmbeddings.forward
+
+    def spy(self, pixel_values, *args, **kwargs):
+        seen.append((self.training, int(pixel_values.shape[-1])))
+        return forward(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(ViTPatchEmbeddings, "forward", spy)
+    return seen
+
+
+def test_train_size_trains_on_smaller_crops_and_evaluates_at_full_size(tiny_model, colour_folder, tmp_path,
+                                                                      default_run, input_sides, quiet_env):
+    out = tmp_path / "small"
+    metrics = train(tiny_model, colour_folder, out, "--train-size", "16")  # the tiny model takes 32 px
+    assert json.loads((out / "vitlora.json").read_text())["config"]["train_size"] == 16
+    assert {side for training, side in input_sides if training} == {16}
+    assert {side for training, side in input_sides if not training} == {32}
+    assert [e["train_loss"] for e in metrics["epochs"]] != [e["train_loss"] for e in default_run["epochs"]]
+    assert_best_epoch_on_disk(out, colour_folder, tmp_path, metrics)  # validation was at the model's size
+    assert_plain_peft_and_merge_agree(out, tiny_model, colour_folder)
+
+
+def test_train_size_in_extend_mode_with_negatives(tiny_model, red_folder, colour_folder, tmp_path, input_sides,
+                                                  quiet_env):
+    # the negatives join each batch: they are resized to the training crops' side too
+    out = tmp_path / "extend"
+    assert main(["train", str(red_folder), "--label", "red", "--negatives", str(colour_folder / "green"),
+                 "--model", str(tiny_model), "--out", str(out), *FAST, "--train-size", "24",
+                 "--patch-keep", "0.5"]) == 0
+    assert {side for training, side in input_sides if training} == {24}
+    assert {side for training, side in input_sides if not training} == {32}
+    assert_plain_peft_and_merge_agree(out, tiny_model, red_folder)
+
+
+@pytest.mark.parametrize("size, message", [("20", "--train-size must be a multiple of the patch size 8, not 20"),
+                                           ("8", "--train-size must be at least 16 pixels")])
+def test_train_size_refusals(tiny_model, colour_folder, tmp_path, capsys, quiet_env, size, message):
+    assert main(["train", str(colour_folder), "--model", str(tiny_model), "--out", str(tmp_path / "x"),
+                 "--train-size", size, *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
+
+
+def test_train_size_needs_a_model_that_interpolates_position_embeddings():
+    from types import SimpleNamespace
+
+    from vitlora.errors import VitloraError
+    from vitlora.train_size import forward_kwargs, training_size
+
+    class Convnet(torch.nn.Module):
+        config = SimpleNamespace(patch_size=None)
+
+        def forward(self, pixel_values):
+            return pixel_values
+
+    pp = SimpleNamespace(height=224, width=224)
+    assert training_size(Convnet(), None, pp) is None and training_size(Convnet(), 224, pp) is None
+    with pytest.raises(VitloraError, match="--train-size needs a ViT / DeiT-style model; Convnet"):
+        training_size(Convnet(), 160, pp)
+    assert forward_kwargs(None) == {} and forward_kwargs((160, 160)) == {"interpolate_pos_encoding": True}
+
+
 def test_patch_keep_out_of_range_is_refused(tiny_model, colour_folder, tmp_path, capsys, quiet_env):
     assert main(["train", str(colour_folder), "--model", str(tiny_model), "--out", str(tmp_path / "x"),
                  "--patch-keep", "0", *FAST]) == 2

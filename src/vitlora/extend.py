@@ -182,7 +182,7 @@ class Extender:
             nidx = negative_indices(len(self.neg_train), self.config.seed, epoch, self.rank, step,
                                     len(idx))
             images, _ = self.neg_train.batch(nidx)
-            xn = eval_view(images.to(x.device), self.pp)
+            xn = eval_view(images.to(x.device), self.pp, size=tuple(x.shape[-2:]))
             x = torch.cat([x, xn.to(x.dtype)])
             labels = torch.cat([labels, torch.full((len(nidx),), -1, dtype=labels.dtype, device=labels.device)])
             teacher.append(self.teacher_neg[nidx])

@@ -32,8 +32,9 @@ def trainable_head(peft_model: nn.Module, head_name: str) -> nn.Linear:
     return module
 
 
-def eval_view(images: torch.Tensor, pp: Any) -> torch.Tensor:
-    """Normalised eval-size view of a work-size uint8 batch (the center of what eval would crop)."""
+def eval_view(images: torch.Tensor, pp: Any, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Normalised eval-size view of a work-size uint8 batch (the center of what eval would crop);
+    `size` resizes it to another side instead (negatives beside `--train-size` crops)."""
     from .data import normalize
 
     x = images.float()
@@ -48,7 +49,7 @@ def eval_view(images: torch.Tensor, pp: Any) -> torch.Tensor:
         keep = max(1, round(s * frac))
         top = (s - keep) // 2
         x = x[..., top : top + keep, top : top + keep]
-    x = F.interpolate(x, size=(pp.height, pp.width), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=size or (pp.height, pp.width), mode="bilinear", antialias=True, align_corners=False)
     return normalize(x.round().clamp(0, 255), pp)
 
 

@@ -6,8 +6,8 @@ file to write to a `vitlora.persist.RunWriter`. Extend mode plugs in through `Jo
 (`vitlora.extend.Extender`: extra negatives per batch, its loss, its metrics and score, its
 calibration at the end), which never imports this module. The recipe's options plug in
 the same way: `vitlora.data.augment.Augment` makes each micro-batch's pixels and (mixup /
-cutmix) soft targets, `vitlora.patch_dropout.PatchDropout` thins the tokens of training
-forwards, `vitlora.recipe` holds the EMA, class weights and balanced sampling, and
+cutmix) soft targets, `vitlora.patch_dropout.PatchDropout` and `vitlora.train_size` thin
+the tokens of training forwards, `vitlora.recipe` holds the EMA, class weights and balanced sampling, and
 `vitlora.tracking.Tracker` logs each step and epoch.
 
 Micro-batches: on CPU a step's activations, kept for backward, are what makes training's
@@ -42,6 +42,7 @@ from .lora import is_adapter_weight
 from .persist import RunWriter, TrainState, log, restore_checkpoint
 from .recipe import Ema, balanced_batches, inverse_frequency_weights
 from .runtime import Runtime, adapt_threads, barrier, release_memory
+from .train_size import forward_kwargs, training_size
 
 _MIN_MICRO = 4
 
@@ -123,9 +124,12 @@ class Loop:
         self.job, self.config, self.rt = job, config, rt
         self.per_rank_batch = max(1, config.batch_size // rt.world_size)
         doubled = 2 if job.hook is not None and getattr(job.hook, "neg_train", None) is not None else 1
-        # PatchDropout keeps `patch_keep` of the tokens, so about 1/patch_keep more images fit the budget
+        self.size = training_size(job.model, config.train_size, job.pp)  # None: the model's own size
+        tokens = config.patch_keep * (1.0 if self.size is None else self.size[0] * self.size[1]
+                                      / (job.pp.height * job.pp.width))
+        # fewer tokens per image (PatchDropout, --train-size): about 1/tokens more images fit the budget
         self.micro = max(1, micro_batch_size(job.model, self.per_rank_batch * doubled, rt.device,
-                                             config.activation_mb / config.patch_keep) // doubled)
+                                             config.activation_mb / tokens) // doubled)
         if self.micro < self.per_rank_batch:
             log(rt, f"each batch of {self.per_rank_batch} runs as {math.ceil(self.per_rank_batch / self.micro)} "
                     f"micro-batches of <= {self.micro} (activation memory; --activation-mb raises the budget)")
@@ -141,7 +145,7 @@ class Loop:
         self.thresholds: dict[str, float] | None = None  # multi-label: tuned on the last validation
         self.augment = Augment(job.pp, num_classes=len(job.id2label), policy=config.augment, mixup=config.mixup,
                                cutmix=config.cutmix, random_erasing=config.random_erasing,
-                               scale_min=config.aug_scale_min)
+                               scale_min=config.aug_scale_min, size=self.size)
         self.class_weight = (inverse_frequency_weights(job.train_cache.labels, len(job.id2label)).to(rt.device)
                              if config.class_weights == "auto" else None)
         self.multi_label = multilabel.is_multi_hot(job.train_cache)  # multi-hot targets: sigmoids + BCE
@@ -163,7 +167,7 @@ class Loop:
         if hook is not None:  # + negatives (label -1) and the frozen base's old-class logits
             x, labels, teacher = hook.batch(x, labels, part, epoch, step)
         with self.rt.autocast():
-            logits = self.net(pixel_values=x).logits
+            logits = self.net(pixel_values=x, **forward_kwargs(self.size)).logits
         if hook is not None:
             return hook.loss(logits.float(), labels, teacher)
         if self.multi_label:  # one sigmoid per label (vitlora.multilabel); mixup's soft targets stay softmax CE

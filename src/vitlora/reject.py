@@ -36,7 +36,7 @@ class Rejector:
         """Append len(idx) negatives with label -1."""
         nidx = negative_indices(len(self.neg_train), self.config.seed, epoch, self.rank, step, len(idx))
         images, _ = self.neg_train.batch(nidx)
-        xn = eval_view(images.to(x.device), self.pp).to(x.dtype)
+        xn = eval_view(images.to(x.device), self.pp, size=tuple(x.shape[-2:])).to(x.dtype)
         neg_labels = torch.full((len(nidx),), -1, dtype=labels.dtype, device=labels.device)
         return torch.cat([x, xn]), torch.cat([labels, neg_labels]), None
 

@@ -105,9 +105,11 @@ class Augment:
         scale_min: float = 0.25,
         num_ops: int = 2,
         magnitude: int = 9,
+        size: tuple[int, int] | None = None,
     ) -> None:
         _check(policy, mixup, cutmix, random_erasing)
         self.pp, self.num_classes, self.policy, self.scale_min = pp, int(num_classes), policy, scale_min
+        self.size = size  # training crop side (--train-size); None: the model's input size
         self.mixup, self.cutmix = float(mixup), float(cutmix)
         self._policy = _policy_module(policy, num_ops, magnitude)
         self._erase = self._mixer = self._cutter = None
@@ -161,9 +163,10 @@ class Augment:
     def _images(self, batch: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         scale = (self.scale_min, 1.0)
         if self._policy is None:
-            x = random_resized_crop_flip(batch, self.pp, scale=scale, generator=generator)
+            x = random_resized_crop_flip(batch, self.pp, scale=scale, generator=generator, size=self.size)
         else:  # kornia's photometric ops expect [0, 1] pixels: normalise after them
-            x01 = random_resized_crop_flip(batch, self.pp, scale=scale, generator=generator, unit_range=True)
+            x01 = random_resized_crop_flip(batch, self.pp, scale=scale, generator=generator, unit_range=True,
+                                           size=self.size)
             x = normalize_unit(self._policy(x01).clamp_(0, 1), self.pp)
         return self._erase(x) if self._erase is not None else x
 

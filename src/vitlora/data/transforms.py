@@ -387,8 +387,9 @@ def random_resized_crop_flip(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     unit_range: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Training augmentation on a uint8 [B,3,S,S] batch -> normalised float [B,3,H,W].
+    """Training augmentation on a uint8 [B,3,S,S] batch -> normalised float [B,3,H,W] (``size``, else the model's).
 
     Crop boxes follow torchvision's RandomResizedCrop (integer boxes, 10
     attempts, center-crop fallback), drawn for the whole batch at once from
@@ -404,7 +405,7 @@ def random_resized_crop_flip(
     gen_device = generator.device if generator is not None else torch.device("cpu")
     boxes = _crop_boxes(b, h, w, scale, ratio, generator, gen_device)
     flip = torch.rand(b, generator=generator, device=gen_device) < hflip
-    out = crop_resize(batch, boxes, flip, (pp.height, pp.width))
+    out = crop_resize(batch, boxes, flip, size or (pp.height, pp.width))
     if unit_range:
         return out.mul_(1 / 255).to(dtype)
     scale_c, shift_c = _scale_shift(pp, batch.device)
