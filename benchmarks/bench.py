@@ -418,6 +418,12 @@ def ceiling_lines(ceilings, summary, predict_n=300):
         lines.append(f"| predict floor, {n} images: start-up {start:.1f} s (import torch + transformers + PEFT, "
                      f"load) + {n} images at the forward rate (decoding not counted) | {floor:.2f} | "
                      + (f"×{floor / ref_pred:.2f} of reference predict images/s" if ref_pred else "-") + " |")
+    mine = next((s for s in summary.values() if s["suite"] == "lab" and s["kind"] == "vitlora" and s["ok_runs"]), None)
+    if mine is not None:  # issue 12's bar: vitlora's training rate against the bare dense step (all 224-px tokens)
+        for key, what in (("step_fp32_images_per_s", "fp32"), ("step_bf16_images_per_s", "bf16")):
+            v = statistics.median([c[key] for c in ceilings])
+            lines.append(f"| vitlora train images/s ÷ the bare dense LoRA step, {what} | "
+                         f"{mine['train_images_per_s']:.2f} | ×{mine['train_images_per_s'] / v:.2f} of the step |")
     c0 = ceilings[0]
     lines.append(f"| CPU bf16 matrix units (AMX / AVX-512-BF16) | {c0.get('amx')} / {c0.get('avx512_bf16')} | |")
     return "\n".join(lines)

@@ -124,7 +124,9 @@ class Loop:
         self.job, self.config, self.rt = job, config, rt
         self.per_rank_batch = max(1, config.batch_size // rt.world_size)
         doubled = 2 if job.hook is not None and getattr(job.hook, "neg_train", None) is not None else 1
-        self.size = training_size(job.model, config.train_size, job.pp)  # None: the model's own size
+        self.multi_label = multilabel.is_multi_hot(job.train_cache)  # multi-hot targets: sigmoids + BCE
+        plain = job.hook is None and not self.multi_label  # where the default --train-size was measured
+        self.size = training_size(job.model, config.train_size, job.pp, plain)  # None: the model's own size
         tokens = config.patch_keep * (1.0 if self.size is None else self.size[0] * self.size[1]
                                       / (job.pp.height * job.pp.width))
         # fewer tokens per image (PatchDropout, --train-size): about 1/tokens more images fit the budget
@@ -133,6 +135,9 @@ class Loop:
         if self.micro < self.per_rank_batch:
             log(rt, f"each batch of {self.per_rank_batch} runs as {math.ceil(self.per_rank_batch / self.micro)} "
                     f"micro-batches of <= {self.micro} (activation memory; --activation-mb raises the budget)")
+        if self.size is not None:
+            log(rt, f"training crops of {self.size[0]} px (fewer patch tokens); validation and prediction at "
+                    f"{job.pp.height} px (--train-size 0 trains at {job.pp.height} too)")
         release_memory()  # what set-up freed (decoding, set-up passes) goes back to the OS before the steps
         n_batches = math.ceil(len(job.train_cache) / (self.per_rank_batch * rt.world_size))
         self.steps_per_epoch = math.ceil(n_batches / config.grad_accum)
@@ -148,7 +153,6 @@ class Loop:
                                scale_min=config.aug_scale_min, size=self.size)
         self.class_weight = (inverse_frequency_weights(job.train_cache.labels, len(job.id2label)).to(rt.device)
                              if config.class_weights == "auto" else None)
-        self.multi_label = multilabel.is_multi_hot(job.train_cache)  # multi-hot targets: sigmoids + BCE
         self.ema = Ema(job.model, config.ema) if config.ema else None
         self.tracker: Any = None  # vitlora.tracking.Tracker, set by `fit`
         self.step_loss = (0.0, 0)  # loss sum and images of the optimizer step in progress (for the tracker)
