@@ -1,11 +1,11 @@
 """`--train-size`: train on smaller crops than the model's input, evaluate and predict at full size.
 
 A ViT's cost per image grows with its number of patch tokens: 160-px crops have 100 patches
-where 224-px ones have 196, and a DeiT-tiny LoRA step runs about twice as fast. Random-resized
-crops already show objects larger than the centre crop used at test time does; training at a
-lower resolution evens that out (Touvron et al., "Fixing the train-test resolution discrepancy",
-NeurIPS 2019), so a lower training resolution costs less accuracy than its token count
-suggests. The Hugging Face ViT / DeiT forward interpolates the position embeddings when asked
+where 224-px ones have 196, and a bare DeiT-tiny LoRA step runs about twice as fast. Random-resized
+crops show objects larger than the centre crop used at test time does, so a lower training
+resolution costs less accuracy than its token count suggests (Touvron et al., "Fixing the
+train-test resolution discrepancy", NeurIPS 2019); `training_size` says what was measured here.
+The Hugging Face ViT / DeiT forward interpolates the position embeddings when asked
 (`interpolate_pos_encoding=True`); nothing is added to the model, so the saved adapter, the
 merged model and every export are those of a run at full size, and validation, thresholds,
 calibration and prediction all run at the model's own size.
