@@ -57,12 +57,13 @@ def train(kw: dict[str, Any], out: Path) -> tuple[Any, float]:
     return run, time.perf_counter() - t0
 
 
-def replace_row(work: Path, name: str, kw: dict[str, Any], seed: int) -> dict[str, Any]:
+def replace_row(work: Path, name: str, kw: dict[str, Any], seed: int,
+                breeds: list[str] | None = None) -> dict[str, Any]:
     import vitlora
 
     data, test = work / f"breeds-s{seed}" / "train", work / f"breeds-s{seed}" / "test"
     if not data.exists():
-        train_items, test_items = q.breeds_split(seed)
+        train_items, test_items = q.breeds_split(seed, breeds=breeds)
         for y in sorted({y for _, y in train_items}):
             q.link_folder(data / y, [f for f, c in train_items if c == y])
             q.link_folder(test / y, [f for f, c in test_items if c == y])
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON lines, one per finished run (appended)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--probe", action="store_true", help="replace: the linear probe per seed too")
+    ap.add_argument("--breeds", nargs="+", default=None,
+                    help="replace: only these cat breeds (e.g. the four American ones, a harder task)")
     a = ap.parse_args(argv)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vitlora-sweep-"))
     rows: list[dict[str, Any]] = []
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.task == "replace" and a.probe:
         for seed in a.seeds:
-            train_items, test_items = q.breeds_split(seed)
+            train_items, test_items = q.breeds_split(seed, breeds=a.breeds)
             keep({"task": "replace", "variant": "linear-probe", "seed": seed,
                   "accuracy": q.linear_probe(train_items, test_items)})
     ctx = extend_context(work) if a.task == "extend" else {}
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         name, kw = parse_variant(text)
         for k in (a.seeds if a.task == "replace" else a.folds):
             try:
-                keep(replace_row(work, name, kw, k) if a.task == "replace" else extend_row(work, name, kw, k, 5, ctx))
+                keep(replace_row(work, name, kw, k, a.breeds) if a.task == "replace"
+                     else extend_row(work, name, kw, k, 5, ctx))
             except Exception as exc:  # one broken variant must not cost the rest of the sweep
                 print(f"{name} {k}: {type(exc).__name__}: {exc}", flush=True)
     print(summary(rows))
