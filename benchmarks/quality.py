@@ -270,12 +270,34 @@ def replace_breeds(a, work: Path, negatives: bool) -> dict[str, Any]:
 STACK_BREEDS = ["Abyssinian", "American_Bobtail", "American_Curl", "American_Shorthair"]
 
 
+def stack_breed_split(seed: int) -> dict[str, tuple[list[Path], list[Path]]]:
+    """breed -> (150 training photos, 45 held-out photos): one seeded shuffle per breed, in STACK_BREEDS order."""
+    rng = random.Random(seed + 2)
+    out = {}
+    for breed in STACK_BREEDS:
+        files = images(BREEDS / breed)
+        rng.shuffle(files)
+        out[breed] = (files[:150], files[150:195])
+    return out
+
+
+def label_recalls(run: Path, tests: dict[str, list[Path]], work: Path, tag: str) -> dict[str, Any]:
+    """Recall and count per label of `run`'s top-1 on each label's held-out photos, and `breed_confusions`:
+    true label -> {answered label: count}."""
+    row: dict[str, Any] = {"breed_confusions": {}}
+    for label, files in tests.items():
+        answers = [top1(r)[0] for r in predict(run, files, work, f"{tag}-{label}").values()]
+        row[f"recall_{label}"] = float(np.mean([a == label for a in answers]))
+        row[f"n_{label}"] = len(answers)
+        row["breed_confusions"][label] = dict(Counter(answers).most_common())
+    return row
+
+
 def stack_sequence(a, work: Path, pos_train: list[Path], pos_test: list[Path], neg_train: Path,
                    inet: dict[Path, str]) -> dict[str, Any]:
     """Issue 11 goal 5: a raccoon run (with negatives), then four cat breeds added one after another with
     `--model PREVIOUS_RUN` (150 photos each, positives only, defaults); the last run is scored on photos no
     step saw: each breed's held-out photos (45 each), the raccoon fold, the ImageNet photos."""
-    rng = random.Random(a.seed + 2)
     epochs = ["--epochs", str(a.epochs)] if a.epochs else []
     data = work / "stack" / "raccoon"
     link_folder(data, pos_train)
@@ -283,22 +305,16 @@ def stack_sequence(a, work: Path, pos_train: list[Path], pos_test: list[Path], n
     cli(["train", str(data), "--label", "raccoon", "--model", str(MODEL), "--out", str(run), "--seed", str(a.seed),
          "--negatives", str(neg_train)] + epochs + a.extra, work / "stack-0-train.log")
     tests: dict[str, list[Path]] = {"raccoon": pos_test}
-    for i, breed in enumerate(STACK_BREEDS, 1):
-        files = images(BREEDS / breed)
-        rng.shuffle(files)
-        tests[breed] = files[150:195]
+    for i, (breed, (train, test)) in enumerate(stack_breed_split(a.seed).items(), 1):
+        tests[breed] = test
         folder = work / "stack" / breed
-        link_folder(folder, files[:150])
+        link_folder(folder, train)
         nxt = work / "stack" / f"run-{i}-{breed}"
         cli(["train", str(folder), "--label", breed, "--model", str(run), "--out", str(nxt), "--seed", str(a.seed)]
             + epochs + a.extra, work / f"stack-{i}-train.log")
         run = nxt
     row: dict[str, Any] = {"run": f"stacked: raccoon + {len(STACK_BREEDS)} breeds (scored after the last step)"}
-    for label, files in tests.items():
-        p = predict(run, files, work, f"stack-{label}")
-        row[f"recall_{label}"] = float(np.mean([top1(r)[0] == label for r in p.values()]))
-        row[f"n_{label}"] = len(p)
-    row["breed_confusions"] = confusions(work, tests)
+    row.update(label_recalls(run, tests, work, "stack"))
     p_in = predict(run, images(IMAGENET), work, "stack-inet")
     row["imagenet_top1"] = float(np.mean([top1(r)[0] == inet[k] for k, r in p_in.items()]))
     row["imagenet_taken_by_new"] = float(np.mean([top1(r)[0] in tests for r in p_in.values()]))
@@ -306,34 +322,19 @@ def stack_sequence(a, work: Path, pos_train: list[Path], pos_test: list[Path], n
     return row
 
 
-def confusions(work: Path, tests: dict[str, list[Path]], tag: str = "stack") -> dict[str, dict[str, int]]:
-    """true label -> {answered label: count} from the `predict` files of the scoring above."""
-    out: dict[str, dict[str, int]] = {}
-    for label in tests:
-        rows = json.loads((work / f"pred-{tag}-{label}.json").read_text())
-        out[label] = dict(Counter(r["top_k"][0]["label"] for r in rows).most_common())
-    return out
-
-
 def stack_joint(a, work: Path) -> dict[str, Any]:
     """The stacked breeds' ceiling: one replace-mode run trained on all four breeds' 150 photos at once (what
     sequential steps approach at best), scored on the same 45 held-out photos per breed."""
+    split = stack_breed_split(a.seed)
     data = work / "stack-joint"
-    data.mkdir(parents=True, exist_ok=True)
-    for breed in STACK_BREEDS:
-        if not (data / breed).exists():
-            (data / breed).symlink_to((work / "stack" / breed).resolve())
+    for breed, (train, _) in split.items():
+        link_folder(data / breed, train)
     run = work / "stack-joint-run"
     epochs = ["--epochs", str(a.epochs)] if a.epochs else []
     cli(["train", str(data), "--model", str(MODEL), "--out", str(run), "--seed", str(a.seed)] + epochs + a.extra,
         work / "stack-joint-train.log")
     row: dict[str, Any] = {"run": f"joint replace-mode run on the same {len(STACK_BREEDS)} breeds (ceiling)"}
-    tests = {b: sorted((work / f"list-stack-{b}").iterdir()) for b in STACK_BREEDS}
-    for label, files in tests.items():
-        p = predict(run, files, work, f"joint-{label}")
-        row[f"recall_{label}"] = float(np.mean([top1(r)[0] == label for r in p.values()]))
-        row[f"n_{label}"] = len(p)
-    row["breed_confusions"] = confusions(work, tests, "joint")
+    row.update(label_recalls(run, {b: test for b, (_, test) in split.items()}, work, "joint"))
     return row
 
 

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
              f"`python benchmarks/train_size.py --rounds {a.rounds} --epochs {a.epochs}`: cat breeds, "
              f"{len(train_items)} photos (seed {a.seed} split; 10 % of them validate), {a.epochs} epochs, "
              f"median of {a.rounds} interleaved rounds.", "", f"Machine: {cpu_line()}", "",
-             "| run | train images/s | wall s | ÷ bare dense step fp32 | ÷ bare dense step bf16 |", "|---|---|---|---|---|"]
+             "| run | train images/s | wall s | ÷ bare dense step fp32 | ÷ bare dense step bf16 |",
+             "|---|---|---|---|---|"]
     for name, m in med.items():
         lines.append(f"| vitlora train, {name} | {m['images_per_s']:.2f} | {m['wall_s']:.1f} | "
                      f"×{m['images_per_s'] / step['fp32']:.2f} | ×{m['images_per_s'] / step['bf16']:.2f} |")
