@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks in one script (a lent CUDA machine has minutes, not hours):
-#   1. the CUDA paths: fp16 and bf16 autocast training, DDP over NCCL under torchrun, predict on cuda;
+#   1. the CUDA paths: fp16 and bf16 autocast training, DDP over NCCL under torchrun, predict on cuda,
+#      and the CUDA tests (tests/test_cuda.py: extend / stacking / negatives / the recipe flags on cuda);
 #   2. `bench.py --gpu`: the PEFT guide's Trainer recipe vs `vitlora train` on ViT-base/16, same card.
 # The hub is unreachable from these machines, so ViT-base/16 is built from its config with random
 # weights (speed is what is compared; accuracy of a random-init model says nothing and is not reported).
-# Usage: DATA=/path/to/photos GUIDE=/path/to/imagefolder OUT=/results bash benchmarks/gpu_check.sh [repeats]
+# The reference needs `datasets` (carry its wheel where the machine lacks it).
+# Usage: [ONLY_BENCH=1] DATA=/path/to/photos GUIDE=/path/to/imagefolder OUT=/results bash benchmarks/gpu_check.sh [repeats]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPEATS=${1:-2}
@@ -35,6 +37,7 @@ EOF
 printf "import sys\nfrom vitlora.cli import main\nsys.exit(main())\n" > "$W/v.py"
 V="python3 $W/v.py"
 status() { echo "== $1: exit $2" | tee -a "$OUT/cuda_paths.txt"; }
+if [ -z "${ONLY_BENCH:-}" ]; then  # ONLY_BENCH=1: step 2 alone
 for p in fp16 bf16; do
   $V train "$GUIDE" --model "$W/tiny" --out "$W/run-$p" --epochs 1 --device cuda --precision $p \
     > "$OUT/train-$p.log" 2>&1; status "train cuda $p" $?
@@ -42,7 +45,9 @@ done
 $V predict "$W/run-bf16" "$DATA" --device cuda --json "$W/p.json" > "$OUT/predict.log" 2>&1; status "predict cuda" $?
 torchrun --standalone --nproc_per_node=1 "$W/v.py" train "$GUIDE" --model "$W/tiny" --out "$W/run-ddp" \
   --epochs 1 --device cuda > "$OUT/ddp.log" 2>&1; status "torchrun nccl" $?
-python3 -m pytest -q tests/test_data.py -k cuda > "$OUT/pytest-cuda.log" 2>&1; status "pytest -k cuda" $?
+python3 -m pytest -q -rs tests/test_cuda.py tests/test_data.py -k cuda > "$OUT/pytest-cuda.log" 2>&1
+status "pytest tests/test_cuda.py, test_data -k cuda" $?
+fi
 python3 benchmarks/bench.py --gpu --model "$W/vit-base" --guide-data "$GUIDE" --data "$DATA" \
   --repeats "$REPEATS" --out "$OUT/gpu-guide.json" --save > "$OUT/bench.log" 2>&1; status "bench --gpu" $?
 cp benchmarks/results/gpu-guide-*.md "$OUT/" 2>/dev/null

@@ -58,3 +58,30 @@ def test_replace_with_negatives_on_cuda(tiny_model, colour_folder, negs, tmp_pat
     assert cli("train", colour_folder, "--model", tiny_model, "--out", out, "--negatives", negs, *FAST) == 0
     labels = json.loads((out / "labels.json").read_text())
     assert labels["rejection"]["label"] == "unknown"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_replace_recipe_on_cuda_answers_like_the_cpu_reload(tiny_model, colour_folder, tmp_path, precision):
+    # the recipe flags added since the first GPU check run on the device: 5/7-size training crops with
+    # interpolated position embeddings (the default here), kornia's batched TrivialAugment, mixup,
+    # random erasing, PatchDropout and EMA under fp16 / bf16 autocast; evaluation stays at full size
+    out = tmp_path / "run"
+    assert cli("train", colour_folder, "--model", tiny_model, "--out", out, "--augment", "trivial",
+               "--mixup", "0.2", "--random-erasing", "0.25", "--patch-keep", "0.75", "--ema", "0.9",
+               "--precision", precision, *FAST) == 0
+    saved = json.loads((out / "vitlora.json").read_text())
+    assert saved["config"]["train_size"] is None and saved["config"]["augment"] == "trivial"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(e["val_loss"] == e["val_loss"] for e in metrics["epochs"])  # no NaN under autocast
+    photos = sorted(str(p) for p in colour_folder.rglob("*.*"))[::3]
+    gpu, cpu = load(out, device="cuda"), load(out, device="cpu")
+    a, b = gpu.predict(photos, top_k=2), cpu.predict(photos, top_k=2)
+    assert [p.top_k[0][0] for p in a] == [p.top_k[0][0] for p in b]
+    assert max(abs(p.top_k[0][1] - q.top_k[0][1]) for p, q in zip(a, b)) < 1e-3
+
+
+def test_extend_with_smaller_crops_on_cuda(tiny_model, red_folder, negs, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", red_folder, "--label", "raccoon", "--model", tiny_model, "--out", out, "--negatives", negs,
+               "--train-size", "24", "--val-split", "0.25", *FAST) == 0
+    assert json.loads((out / "vitlora.json").read_text())["config"]["train_size"] == 24
