@@ -9,6 +9,7 @@ and check the GPU run answers like the same run reloaded on the CPU.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,13 @@ def test_replace_recipe_on_cuda_answers_like_the_cpu_reload(tiny_model, colour_f
     # interpolated position embeddings (the default here), kornia's batched TrivialAugment, mixup,
     # random erasing, PatchDropout and EMA under fp16 / bf16 autocast; evaluation stays at full size
     out = tmp_path / "run"
-    assert cli("train", colour_folder, "--model", tiny_model, "--out", out, "--augment", "trivial",
-               "--mixup", "0.2", "--random-erasing", "0.25", "--patch-keep", "0.75", "--ema", "0.9",
-               "--precision", precision, *FAST) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli("train", colour_folder, "--model", tiny_model, "--out", out, "--augment", "trivial",
+                   "--mixup", "0.2", "--random-erasing", "0.25", "--patch-keep", "0.75", "--ema", "0.9",
+                   "--precision", precision, *FAST) == 0
+    # fp16's first steps overflow and GradScaler skips them; the schedule waits for the optimizer
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     saved = json.loads((out / "vitlora.json").read_text())
     assert saved["config"]["train_size"] is None and saved["config"]["augment"] == "trivial"
     metrics = json.loads((out / "metrics.json").read_text())

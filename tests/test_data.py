@@ -825,6 +825,23 @@ def test_public_api_types() -> None:
     )[1].tolist() == [1]
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_per_label_sample_is_bounded_seeded_and_keeps_pixels(tmp_path: Path, on_disk: bool) -> None:
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 6)
+    images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
+    if on_disk:  # large caches live in a memmap
+        mm = np.lib.format.open_memmap(tmp_path / "c.npy", mode="w+", dtype=np.uint8, shape=tuple(images.shape))
+        mm[:] = images.numpy()
+        images = mm
+    cache = ImageCache(images, labels, [f"p{i}" for i in range(len(labels))])
+    a, b = cache.per_label_sample(4, seed=0), cache.per_label_sample(4, seed=0)
+    assert torch.bincount(a.labels).tolist() == [4, 3, 4]  # a label with fewer keeps all of them
+    assert a.paths == b.paths and a.paths != cache.per_label_sample(4, seed=1).paths
+    rows = [int(p[1:]) for p in a.paths]
+    assert a.labels.tolist() == labels[rows].tolist()
+    assert torch.as_tensor(a.images)[:, 0, 0, 0].tolist() == rows  # each image travels with its label and path
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rrc_and_normalize_on_cuda() -> None:
     x = torch.randint(0, 256, (5, 3, 37, 37), dtype=torch.uint8)

@@ -187,6 +187,25 @@ def test_train_size_in_extend_mode_with_negatives(tiny_model, red_folder, colour
     assert_plain_peft_and_merge_agree(out, tiny_model, red_folder)
 
 
+def test_replace_mode_imprints_from_a_bounded_sample_extend_mode_from_every_positive(
+        tiny_model, colour_folder, red_folder, tmp_path, monkeypatch, quiet_env):
+    # the base's pass over the training photos for the new rows' class means cost half of a one-epoch
+    # cat-breed run; replace mode needs only the means, extend mode every positive's distillation target
+    import vitlora.heads as heads
+    import vitlora.training as training
+
+    monkeypatch.setattr(training, "IMPRINT_PER_LABEL", 5)
+    seen, real = [], heads.base_outputs
+    monkeypatch.setattr(heads, "base_outputs", lambda m, name, cache, *a, **k: seen.append(cache.labels.clone())
+                        or real(m, name, cache, *a, **k))
+    train(tiny_model, colour_folder, tmp_path / "replace")  # 12 training photos of each of 3 colours
+    assert torch.bincount(seen[0]).tolist() == [5, 5, 5]
+    seen.clear()
+    assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model), "--out",
+                 str(tmp_path / "extend"), *FAST]) == 0
+    assert len(seen[0]) == 12  # all 16 less the 25 % held out
+
+
 @pytest.mark.parametrize("size, message", [
     ("20", "--train-size must be a multiple of the patch size 8, not 20"),
     ("8", "--train-size must be 0 (the model's size) or at least 16 pixels"),

@@ -200,13 +200,17 @@ class Loop:
         self.step_loss = (self.step_loss[0] + sum(sums), self.step_loss[1] + len(idx))
         if last:
             lr = self.opt.param_groups[0]["lr"]  # the rate this step uses, before the schedule moves on
+            stepped = True
             if self.scaler:
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.opt)
                 self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale  # fp16: a step with inf/NaN gradients is skipped
             else:
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            self.sched.step()
+            if stepped:  # the schedule moves with the optimizer (torch warns when it runs ahead of it)
+                self.sched.step()
             if self.ema is not None:
                 self.ema.update()
             if self.tracker is not None:

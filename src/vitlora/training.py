@@ -64,6 +64,9 @@ class Built:
     total: int
 
 
+IMPRINT_PER_LABEL = 32  # replace mode: new head rows start at class means of this many base features per label
+
+
 @dataclass
 class Decoded:
     """The data phase: training and validation images decoded once, and what was skipped."""
@@ -191,7 +194,11 @@ def decode_data(s: Session, built: Built, train_samples: list[Any], val_samples:
     threads_note = adapt_threads(s.rt)  # before the first model passes: the cores others leave free
     if threads_note:
         s.log(threads_note)
-    return Decoded(train, val, train_report.count + (val_report.count if val_report else 0))
+    # replace mode needs the base's features only for the new rows' class means: a bounded sample, as for
+    # shards (extend mode keeps every positive: their base logits are the distillation targets)
+    imprint = (train.per_label_sample(IMPRINT_PER_LABEL, s.config.seed)
+               if s.config.resolved_mode == "replace" and not multi else None)
+    return Decoded(train, val, train_report.count + (val_report.count if val_report else 0), imprint=imprint)
 
 
 def stream_shards(s: Session, built: Built, shards: Any, val_samples: list[Any]) -> Decoded:
@@ -210,7 +217,7 @@ def stream_shards(s: Session, built: Built, shards: Any, val_samples: list[Any])
     else:
         val, val_report = (shards.decode_split("val", label2id, built.pp, vf, draft=False)
                            if vf > 0 and shards.count("val", vf) else (None, None))
-    imprint, _ = shards.decode_split("train", label2id, built.pp, vf, train=True, per_label=32)
+    imprint, _ = shards.decode_split("train", label2id, built.pp, vf, train=True, per_label=IMPRINT_PER_LABEL)
     if val_report is not None and val_report.count:
         s.log("warning: " + val_report.summary())
     s.log(f"data: {len(train)} training images (streamed from {len(shards.shards)} shards each epoch), "

@@ -83,6 +83,21 @@ class ImageCache:
         arr = self.images[idx.numpy()]  # fancy indexing copies out of the memmap
         return torch.from_numpy(arr), self.labels.index_select(0, idx)
 
+    def per_label_sample(self, per_label: int, seed: int) -> "ImageCache":
+        """A seeded sample of at most `per_label` images of each label, as a cache of its own (copied)."""
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=g)
+        taken: dict[int, int] = {}
+        keep = []
+        for i in order.tolist():
+            label = int(self.labels[i])
+            if taken.get(label, 0) < per_label:
+                taken[label] = taken.get(label, 0) + 1
+                keep.append(i)
+        idx = torch.tensor(sorted(keep), dtype=torch.long)
+        images, labels = self.batch(idx)
+        return ImageCache(images, labels, [self.paths[i] for i in idx.tolist()])
+
 
 def _remove(path: str, is_dir: bool) -> None:
     try:
