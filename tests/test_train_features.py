@@ -7,6 +7,7 @@ logits), record its settings in vitlora.json, and keep on disk the weights its m
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -410,3 +411,36 @@ def test_auto_stop_when_the_kept_epoch_cannot_change():
     assert should_stop(state, TrainConfig(data="x", epochs=1), ties_keep_earliest=True) is None
     state.best_score = 0.99
     assert should_stop(state, cfg, ties_keep_earliest=True) is None
+
+
+def test_lr_schedule_waits_for_the_steps_a_grad_scaler_skips(tiny_model, colour_folder, tmp_path, monkeypatch,
+                                                             quiet_env):
+    # fp16 on a GPU: GradScaler skips steps whose gradients overflowed (always the first few); the schedule
+    # must not run ahead of the optimizer (torch warned "lr_scheduler.step() before optimizer.step()").
+    # Here a CPU scaler sees the first 3 steps' gradients overflow.
+    import warnings
+
+    import vitlora.loop as L
+
+    loops, real_init, overflowed = [], L.Loop.__init__, []
+
+    def overflow(grad: torch.Tensor) -> torch.Tensor:
+        if len(overflowed) < 3:
+            overflowed.append(1)
+            return grad * float("inf")
+        return grad
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        next(p for p in self.job.model.parameters() if p.requires_grad).register_hook(overflow)
+        loops.append(self)
+
+    monkeypatch.setattr(L.Loop, "__init__", init)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = train(tiny_model, colour_folder, tmp_path / "run")
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    loop = loops[0]
+    assert loop.micro >= 8 and loop.scaler.get_scale() == 1024.0 / 2 ** 3  # one micro-batch a step, 3 skipped
+    assert loop.sched.last_epoch == loop.steps_per_epoch * len(metrics["epochs"]) - 3
