@@ -7,7 +7,6 @@ logits), record its settings in vitlora.json, and keep on disk the weights its m
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
