@@ -159,8 +159,8 @@ def test_train_size_trains_on_smaller_crops_and_evaluates_at_full_size(tiny_mode
     assert_plain_peft_and_merge_agree(out, tiny_model, colour_folder)
 
 
-def test_default_train_size_is_five_sevenths_in_replace_mode_only(tiny_model, colour_folder, red_folder, tmp_path,
-                                                                   input_sides, quiet_env, capsys):
+def test_default_train_size_is_five_sevenths_without_negatives(tiny_model, colour_folder, red_folder, tmp_path,
+                                                               input_sides, quiet_env, capsys):
     # the tiny model takes 32 px with 8-px patches: 5/7 of 32 rounds to 3 patches, 24 px
     train(tiny_model, colour_folder, tmp_path / "auto")
     assert {side for training, side in input_sides if training} == {24}
@@ -169,10 +169,15 @@ def test_default_train_size_is_five_sevenths_in_replace_mode_only(tiny_model, co
     train(tiny_model, colour_folder, tmp_path / "off", "--train-size", "0")
     assert {side for training, side in input_sides} == {32}
     assert "training crops" not in capsys.readouterr().err
-    input_sides.clear()  # extend mode measured a small loss at 160 px: it keeps the model's size by default
+    input_sides.clear()  # extend mode with negatives measured a small loss at 160 px: the model's size
     assert main(["train", str(red_folder), "--label", "red", "--negatives", str(colour_folder / "green"),
                  "--model", str(tiny_model), "--out", str(tmp_path / "extend"), *FAST]) == 0
     assert {side for training, side in input_sides} == {32}
+    input_sides.clear()  # positives only it held recall and false positives: smaller crops
+    assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model), "--out",
+                 str(tmp_path / "extend-positives"), *FAST]) == 0
+    assert {side for training, side in input_sides if training} == {24}
+    assert {side for training, side in input_sides if not training} == {32}
 
 
 def test_train_size_in_extend_mode_with_negatives(tiny_model, red_folder, colour_folder, tmp_path, input_sides,
