@@ -178,6 +178,11 @@ def test_default_train_size_is_five_sevenths_without_negatives(tiny_model, colou
                  str(tmp_path / "extend-positives"), *FAST]) == 0
     assert {side for training, side in input_sides if training} == {24}
     assert {side for training, side in input_sides if not training} == {32}
+    input_sides.clear()  # a step stacked on an extended run: 160 px lost recall and ImageNet top-1 there
+    make_colour_images(tmp_path / "blue", "blue", 12, seed=21)
+    assert main(["train", str(tmp_path / "blue"), "--label", "blue", "--model", str(tmp_path / "extend"), "--out",
+                 str(tmp_path / "stacked"), *FAST]) == 0
+    assert {side for training, side in input_sides} == {32}
 
 
 def test_train_size_in_extend_mode_with_negatives(tiny_model, red_folder, colour_folder, tmp_path, input_sides,

@@ -125,8 +125,10 @@ class Loop:
         self.per_rank_batch = max(1, config.batch_size // rt.world_size)
         doubled = 2 if job.hook is not None and getattr(job.hook, "neg_train", None) is not None else 1
         self.multi_label = multilabel.is_multi_hot(job.train_cache)  # multi-hot targets: sigmoids + BCE
-        # where the default --train-size was measured: single-label batches without negative images
-        plain = not self.multi_label and getattr(job.hook, "neg_train", None) is None
+        # where the default --train-size measured equal quality: single-label runs without negative images
+        # that add to no earlier extension (stacked steps lost recall and ImageNet top-1 at 160 px)
+        plain = (not self.multi_label and getattr(job.hook, "neg_train", None) is None
+                 and getattr(job.hook, "exemplars", None) is None)
         self.size = training_size(job.model, config.train_size, job.pp, plain)  # None: the model's own size
         tokens = config.patch_keep * (1.0 if self.size is None else self.size[0] * self.size[1]
                                       / (job.pp.height * job.pp.width))
