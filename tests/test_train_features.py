@@ -199,8 +199,8 @@ def test_train_size_in_extend_mode_with_negatives(tiny_model, red_folder, colour
 
 def test_replace_mode_imprints_from_a_bounded_sample_extend_mode_from_every_positive(
         tiny_model, colour_folder, red_folder, tmp_path, monkeypatch, quiet_env):
-    # the base's pass over the training photos for the new rows' class means cost half of a one-epoch
-    # cat-breed run; replace mode needs only the means, extend mode every positive's distillation target
+    # the base's pass over every training photo for the new rows' class means cost a 5-epoch cat-breed run
+    # 10.7 of its 136.5 s; replace mode needs only the means, extend mode every positive's distillation target
     import vitlora.heads as heads
     import vitlora.training as training
 

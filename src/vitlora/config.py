@@ -86,9 +86,9 @@ class TrainConfig:
     train_size: int | None = _f(None, "side in pixels of the training crops (a multiple of the patch size): "
                                       "fewer patch tokens per training image, position embeddings interpolated; "
                                       "validation, thresholds and prediction stay at the model's size. Default: "
-                                      "5/7 of the model's side (224 -> 160) in single-label replace mode without "
-                                      "negatives on a ViT / DeiT, where it measured equal accuracy; else the "
-                                      "model's side; 0 = the model's side")
+                                      "5/7 of the model's side (224 -> 160) on a ViT / DeiT in single-label runs "
+                                      "without --negatives that are not stacked on an extended run, where it "
+                                      "measured equal quality; else the model's side; 0 = the model's side")
     ema: float = _f(0.0, "decay of an exponential moving average of the trainable weights, e.g. 0.999 (0 = off); "
                          "each epoch evaluates it beside the raw weights and keeps the better")
     early_stopping: int | None = _f(None, "stop after PATIENCE epochs without a better epoch (validation accuracy, "

@@ -47,9 +47,10 @@ def training_size(model: nn.Module, size: int | None, pp: Any, plain: bool = Tru
     `size` None (the default) picks 5/7 of the model's side, rounded to whole patches (224 -> 160),
     for a `plain` run (single-label, no negative images in the batches, not stacked on an earlier
     extension: replace mode, or a first extension with positives only) on a square model that can
-    interpolate its position embeddings; anything else trains at the model's size. Measured on the cat breeds (5 seeds, 995 unseen photos):
-    accuracy 0.686 at 160 px against 0.684 at 224, while 128 px lost 3-5 points; on 5 raccoon folds
-    with positives only, recall 0.960 at both sizes and false positives 0.045 vs 0.043. With --negatives
+    interpolate its position embeddings; anything else trains at the model's size. Measured on the
+    cat breeds (5 seeds, 995 unseen photos): accuracy 0.686 at 160 px against 0.684 at 224, while
+    128 px lost 3-5 points; on 5 raccoon folds with positives only, recall 0.960 at both sizes and
+    false positives 0.045 vs 0.043. With --negatives
     in extend mode 160 px kept ImageNet top-1 and false positives but retention fell ~0.5 point on
     every raccoon fold and recall by 2 photos on one, and four cat breeds stacked on the raccoon run
     at 160 px ended with raccoon recall 0.833 (0.900 at 224) and ImageNet top-1 0.786 (0.794), so

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -87,12 +87,10 @@ class ImageCache:
         """A seeded sample of at most `per_label` images of each label, as a cache of its own (copied)."""
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=g)
-        taken: dict[int, int] = {}
-        keep = []
+        labels, taken, keep = self.labels.tolist(), Counter(), []
         for i in order.tolist():
-            label = int(self.labels[i])
-            if taken.get(label, 0) < per_label:
-                taken[label] = taken.get(label, 0) + 1
+            if taken[labels[i]] < per_label:
+                taken[labels[i]] += 1
                 keep.append(i)
         idx = torch.tensor(sorted(keep), dtype=torch.long)
         images, labels = self.batch(idx)
