@@ -232,8 +232,9 @@ def test_train_help_lists_the_recipe_flags_with_their_defaults(capsys):
         run_cli("train", "--help")
     text = " ".join(capsys.readouterr().out.split())
     for flag, default in (("--augment", "basic"), ("--mixup", "0"), ("--cutmix", "0"), ("--random-erasing", "0"),
-                          ("--patch-keep", "1"), ("--ema", "0"), ("--class-weights", "none"), ("--method", "lora"),
+                          ("--ema", "0"), ("--class-weights", "none"), ("--method", "lora"),
                           ("--auto-stop", "2")):
         entry = text.split(f" {flag} {flag[2:].upper().replace('-', '_')} ")[-1]  # the option's help line on
         assert entry.split("(default ", 1)[1].startswith(default + ")"), flag
     assert "--balanced-sampler" in text and "--report-to" in text
+    assert "Default: 0.5 on a ViT / DeiT in a first extension without --negatives" in text  # --patch-keep's rule

@@ -159,13 +159,37 @@ def test_train_size_trains_on_smaller_crops_and_evaluates_at_full_size(tiny_mode
     assert_plain_peft_and_merge_agree(out, tiny_model, colour_folder)
 
 
-def test_default_train_size_is_five_sevenths_without_negatives(tiny_model, colour_folder, red_folder, tmp_path,
-                                                               input_sides, quiet_env, capsys):
-    # the tiny model takes 32 px with 8-px patches: 5/7 of 32 rounds to 3 patches, 24 px
+@pytest.fixture
+def layer_tokens(monkeypatch):
+    """Records (training?, sequence length) of every input to a ViT encoder layer."""
+    from transformers.models.vit.modeling_vit import ViTLayer
+
+    seen: list[tuple[bool, int]] = []
+    forward = ViTLayer.forward
+
+    def spy(self, hidden_states, *args, **kwargs):
+        seen.append((self.training, int(hidden_states.shape[1])))
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(ViTLayer, "forward", spy)
+    return seen
+
+
+def _lengths(seen: list[tuple[bool, int]], training: bool) -> set[int]:
+    return {n for t, n in seen if t == training}
+
+
+def test_default_train_size_and_patch_keep(tiny_model, colour_folder, red_folder, tmp_path, input_sides,
+                                           layer_tokens, quiet_env, capsys):
+    # the tiny model takes 32 px with 8-px patches (16 + CLS tokens): 5/7 of 32 rounds to 3 patches, 24 px
+    # (9 + CLS tokens); PatchDropout's default keep 0.5 leaves 4 of those 9 in a first extension
     train(tiny_model, colour_folder, tmp_path / "auto")
     assert {side for training, side in input_sides if training} == {24}
-    assert "training crops of 24 px" in capsys.readouterr().err
+    assert _lengths(layer_tokens, True) == {10}  # replace mode keeps every token (keep 0.5 cost breed accuracy)
+    err = capsys.readouterr().err
+    assert "training crops of 24 px" in err and "PatchDropout" not in err
     input_sides.clear()
+    layer_tokens.clear()
     train(tiny_model, colour_folder, tmp_path / "off", "--train-size", "0")
     assert {side for training, side in input_sides} == {32}
     assert "training crops" not in capsys.readouterr().err
@@ -173,16 +197,28 @@ def test_default_train_size_is_five_sevenths_without_negatives(tiny_model, colou
     assert main(["train", str(red_folder), "--label", "red", "--negatives", str(colour_folder / "green"),
                  "--model", str(tiny_model), "--out", str(tmp_path / "extend"), *FAST]) == 0
     assert {side for training, side in input_sides} == {32}
-    input_sides.clear()  # positives only it held recall and false positives: smaller crops
+    input_sides.clear()  # positives only it held recall and false positives: smaller crops, half their tokens
+    layer_tokens.clear()
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model), "--out",
                  str(tmp_path / "extend-positives"), *FAST]) == 0
     assert {side for training, side in input_sides if training} == {24}
     assert {side for training, side in input_sides if not training} == {32}
+    assert _lengths(layer_tokens, True) == {5} and _lengths(layer_tokens, False) == {17}
+    assert "each training image keeps 50% of its patch tokens (PatchDropout)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "extend-positives" / "vitlora.json").read_text())["config"]["patch_keep"] is None
+    epochs = json.loads((tmp_path / "extend-positives" / "metrics.json").read_text())["epochs"]
+    assert {(e["train_px"], e["patch_keep"]) for e in epochs} == {(24, 0.5)}  # what the defaults chose
+    layer_tokens.clear()  # --patch-keep 1 turns the default off
+    assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model), "--out",
+                 str(tmp_path / "extend-all-tokens"), *FAST, "--patch-keep", "1"]) == 0
+    assert _lengths(layer_tokens, True) == {10}
     input_sides.clear()  # a step stacked on an extended run: 160 px lost recall and ImageNet top-1 there
+    layer_tokens.clear()
     make_colour_images(tmp_path / "blue", "blue", 12, seed=21)
     assert main(["train", str(tmp_path / "blue"), "--label", "blue", "--model", str(tmp_path / "extend"), "--out",
                  str(tmp_path / "stacked"), *FAST]) == 0
     assert {side for training, side in input_sides} == {32}
+    assert _lengths(layer_tokens, True) == {17}
 
 
 def test_train_size_in_extend_mode_with_negatives(tiny_model, red_folder, colour_folder, tmp_path, input_sides,

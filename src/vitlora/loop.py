@@ -39,6 +39,7 @@ from . import multilabel
 from .config import TrainConfig
 from .inference import cache_logits
 from .lora import is_adapter_weight
+from .patch_dropout import PatchDropout, training_keep
 from .persist import RunWriter, TrainState, log, restore_checkpoint
 from .recipe import Ema, balanced_batches, inverse_frequency_weights
 from .runtime import Runtime, adapt_threads, barrier, release_memory
@@ -130,7 +131,8 @@ class Loop:
         plain = (not self.multi_label and getattr(job.hook, "neg_train", None) is None
                  and getattr(job.hook, "exemplars", None) is None)
         self.size = training_size(job.model, config.train_size, job.pp, plain)  # None: the model's own size
-        tokens = config.patch_keep * (1.0 if self.size is None else self.size[0] * self.size[1]
+        self.keep = training_keep(job.model, config.patch_keep, plain and job.hook is not None)  # PatchDropout
+        tokens = self.keep * (1.0 if self.size is None else self.size[0] * self.size[1]
                                       / (job.pp.height * job.pp.width))
         # fewer tokens per image (PatchDropout, --train-size): about 1/tokens more images fit the budget
         self.micro = max(1, micro_batch_size(job.model, self.per_rank_batch * doubled, rt.device,
@@ -141,6 +143,9 @@ class Loop:
         if self.size is not None:
             log(rt, f"training crops of {self.size[0]} px (fewer patch tokens); validation and prediction at "
                     f"{job.pp.height} px (--train-size 0 trains at {job.pp.height} too)")
+        if self.keep < 1.0 and config.patch_keep is None:
+            log(rt, f"each training image keeps {self.keep:.0%} of its patch tokens (PatchDropout); validation and "
+                    "prediction see all (--patch-keep 1 keeps all in training too)")
         release_memory()  # what set-up freed (decoding, set-up passes) goes back to the OS before the steps
         n_batches = math.ceil(len(job.train_cache) / (self.per_rank_batch * rt.world_size))
         self.steps_per_epoch = math.ceil(n_batches / config.grad_accum)
@@ -249,7 +254,9 @@ class Loop:
             bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", img_s=f"{seen / max(1e-9, time.time() - t_epoch):.1f}")
         train_s = time.time() - t_epoch
         return {"epoch": epoch, "train_loss": _mean_across(loss_sum, loss_n, rt),
-                "images_per_s": seen / max(1e-9, train_s), "train_s": train_s}
+                "images_per_s": seen / max(1e-9, train_s), "train_s": train_s,
+                # what the defaults chose: the training crops' side and the share of their patch tokens kept
+                "train_px": self.size[0] if self.size is not None else self.job.pp.height, "patch_keep": self.keep}
 
     def evaluate(self, record: dict[str, Any]) -> tuple[float, float]:
         """Validation metrics into `record`; the epoch's score (what "best" means, tie-break), same on every rank.
@@ -289,7 +296,6 @@ def fit(job: Job, config: TrainConfig, rt: Runtime, writer: RunWriter, lora_scal
     """Run the epochs (from the checkpoint's, when resuming); the best epoch's files are in `writer.out`."""
     from tqdm.auto import tqdm
 
-    from .patch_dropout import PatchDropout
     from .tracking import Tracker
 
     loop = Loop(job, config, rt, lora_scale)
@@ -299,8 +305,8 @@ def fit(job: Job, config: TrainConfig, rt: Runtime, writer: RunWriter, lora_scal
         log(rt, f"resuming after epoch {state.epoch} of {config.epochs}")
         if loop.ema is not None:  # the checkpoint holds the raw weights: the average restarts from them
             loop.ema = Ema(job.model, config.ema)
-    patch_drop = PatchDropout(config.patch_keep, loop.gen)  # training forwards only; off (no hook) at 1.0
-    if config.patch_keep < 1.0:  # other architectures than ViT / DeiT train as before without it
+    patch_drop = PatchDropout(loop.keep, loop.gen)  # training forwards only; off (no hook) at 1.0
+    if loop.keep < 1.0:  # the default is 1.0 for other architectures than ViT / DeiT; asked, they are refused
         patch_drop.attach(job.model)
     loop.wrap_distributed()
     loop.tracker = Tracker(config.report_to, enabled=rt.is_main)
