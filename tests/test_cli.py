@@ -237,4 +237,4 @@ def test_train_help_lists_the_recipe_flags_with_their_defaults(capsys):
         entry = text.split(f" {flag} {flag[2:].upper().replace('-', '_')} ")[-1]  # the option's help line on
         assert entry.split("(default ", 1)[1].startswith(default + ")"), flag
     assert "--balanced-sampler" in text and "--report-to" in text
-    assert "Default: 0.5 on a ViT / DeiT in a first extension without --negatives" in text  # --patch-keep's rule
+    assert "Default: 0.5 on a ViT / DeiT in a first extension of one class without --negatives" in text  # --patch-keep's rule

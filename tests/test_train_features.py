@@ -212,6 +212,10 @@ def test_default_train_size_and_patch_keep(tiny_model, colour_folder, red_folder
     assert main(["train", str(red_folder), "--label", "red", "--model", str(tiny_model), "--out",
                  str(tmp_path / "extend-all-tokens"), *FAST, "--patch-keep", "1"]) == 0
     assert _lengths(layer_tokens, True) == {10}
+    layer_tokens.clear()  # several classes added at once: not measured equal (ImageNet top-1 fell), all tokens
+    assert main(["train", str(colour_folder), "--mode", "extend", "--model", str(tiny_model), "--out",
+                 str(tmp_path / "extend-three"), *FAST]) == 0
+    assert _lengths(layer_tokens, True) == {10}
     input_sides.clear()  # a step stacked on an extended run: 160 px lost recall and ImageNet top-1 there
     layer_tokens.clear()
     make_colour_images(tmp_path / "blue", "blue", 12, seed=21)

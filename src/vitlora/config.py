@@ -83,9 +83,9 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda")
     patch_keep: float | None = _f(None, "PatchDropout: fraction of each training image's patch tokens kept (CLS "
                                         "always; evaluation and prediction use all tokens). Default: 0.5 on a ViT / "
-                                        "DeiT in a first extension without --negatives, where it measured equal "
-                                        "recall, false positives and retention; else 1 (off: it cost replace mode "
-                                        "accuracy on fine-grained breeds)")
+                                        "DeiT in a first extension of one class without --negatives, where it "
+                                        "measured equal recall, false positives and retention; else 1 (off: it "
+                                        "cost replace mode accuracy on fine-grained breeds)")
     train_size: int | None = _f(None, "side in pixels of the training crops (a multiple of the patch size): "
                                       "fewer patch tokens per training image, position embeddings interpolated; "
                                       "validation, thresholds and prediction stay at the model's size. Default: "

@@ -131,7 +131,9 @@ class Loop:
         plain = (not self.multi_label and getattr(job.hook, "neg_train", None) is None
                  and getattr(job.hook, "exemplars", None) is None)
         self.size = training_size(job.model, config.train_size, job.pp, plain)  # None: the model's own size
-        self.keep = training_keep(job.model, config.patch_keep, plain and job.hook is not None)  # PatchDropout
+        # PatchDropout's default: a first extension adding one class with positives only (what was measured)
+        one_new = job.hook is not None and len(job.id2label) - getattr(job.hook, "n_old", 0) == 1
+        self.keep = training_keep(job.model, config.patch_keep, plain and one_new)
         tokens = self.keep * (1.0 if self.size is None else self.size[0] * self.size[1]
                                       / (job.pp.height * job.pp.width))
         # fewer tokens per image (PatchDropout, --train-size): about 1/tokens more images fit the budget

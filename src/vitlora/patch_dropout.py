@@ -53,7 +53,7 @@ def kept_tokens(num_patches: int, keep: float) -> int:
     return max(1, int(keep * num_patches))
 
 
-AUTO_KEEP = 0.5  # the default in a first extension without negatives (see `training_keep`)
+AUTO_KEEP = 0.5  # the default in a first extension of one class without negatives (see `training_keep`)
 
 
 def has_embeddings(model: nn.Module) -> bool:
@@ -64,12 +64,15 @@ def has_embeddings(model: nn.Module) -> bool:
 def training_keep(model: nn.Module, keep: float | None, first_extension: bool) -> float:
     """The fraction of patch tokens each training image keeps: ``keep``, or the default when None.
 
-    The default is `AUTO_KEEP` for a `first_extension` (extend mode, no negative images in the
-    batches, not stacked on an extended run) of a ViT / DeiT, else 1.0 (off). Measured on 5 raccoon
-    folds with positives only, 160-px crops (`benchmarks/sweep.py extend`): recall 0.960 at keep 0.5
-    and at 1.0 (every fold alike), false positives 0.043 vs 0.045 of 400 fresh cats and dogs,
-    retention 0.951 vs 0.953, ImageNet top-1 0.799 both, while a training image costs about half.
-    Replace mode keeps all tokens: on the cat breeds keep 0.5 cost 2.5 points of accuracy.
+    The default is `AUTO_KEEP` for a `first_extension` (extend mode adding one class, no negative
+    images in the batches, not stacked on an extended run) of a ViT / DeiT, else 1.0 (off). Measured
+    on 5 raccoon folds with positives only, 160-px crops (`benchmarks/sweep.py extend`): recall 0.960
+    at keep 0.5 and at 1.0 (every fold alike), false positives 0.043 vs 0.045 of 400 fresh cats and
+    dogs, retention 0.951 vs 0.953, ImageNet top-1 0.799 both, while a training image costs about
+    half. Not the default elsewhere: replace mode lost 2.5 points on the cat breeds at keep 0.5; with
+    negatives retention fell on every raccoon fold (0.994 -> 0.988); four cat breeds added at once
+    (`benchmarks/extend_several.py`, two seeds) showed no clear difference, but no equality either
+    (ImageNet top-1 0.670 -> 0.648 on one seed, 0.740 -> 0.746 on the other).
     """
     if keep is not None:
         return keep
