@@ -113,7 +113,8 @@ class TrainConfig:
     lp_lr: float = _f(0.05, "extend mode: learning rate of that linear probe")
     row_norm_cap: float | None = _f(None, "extend mode: the probe keeps each new head row's L2 norm at most this "
                                           "multiple of the median norm of the base's rows (0: no cap; default: 1.5 "
-                                          "with --negatives, else no cap). "
+                                          "with --negatives or when a first extension adds several classes, else "
+                                          "no cap). "
                                           "Unbounded rows grew ~9x and gave the new class 3-4 in 100 ImageNet photos")
     # honest probabilities, out-of-fold thresholds, "unknown" (see vitlora.calibration, vitlora.reject)
     no_calibrate: bool = _f(False, "keep the raw probabilities (by default a temperature is folded into the head: "

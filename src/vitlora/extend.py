@@ -167,7 +167,8 @@ class Extender:
         bias = head.bias[self.new_ids].detach().float().cpu() if head.bias is not None else torch.zeros(len(row))
         w, b = linear_probe(feats, labels, teacher, row, bias,
                             self.config.distill, self.config.lp_steps, self.config.lp_lr, self.config.temperature,
-                            row_norm_limit(self.change, self.config, negatives=bool((labels == -1).any())))
+                            row_norm_limit(self.change, self.config, negatives=bool((labels == -1).any()),
+                                           several_new=len(self.new_ids) > 1 and self.exemplars is None))
         with torch.no_grad():
             head.weight[self.new_ids] = w.to(head.weight)
             if head.bias is not None:
