@@ -135,7 +135,7 @@ class Loop:
         one_new = job.hook is not None and len(job.id2label) - getattr(job.hook, "n_old", 0) == 1
         self.keep = training_keep(job.model, config.patch_keep, plain and one_new)
         tokens = self.keep * (1.0 if self.size is None else self.size[0] * self.size[1]
-                                      / (job.pp.height * job.pp.width))
+                              / (job.pp.height * job.pp.width))
         # fewer tokens per image (PatchDropout, --train-size): about 1/tokens more images fit the budget
         self.micro = max(1, micro_batch_size(job.model, self.per_rank_batch * doubled, rt.device,
                                              config.activation_mb / tokens) // doubled)
