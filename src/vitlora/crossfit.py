@@ -114,6 +114,12 @@ def row_norm_limit(change: Any, config: Any, negatives: bool, several_new: bool 
     return cap * float(norm) if cap and norm else None
 
 
+def probe_row_limit(ext: Any, labels: torch.Tensor) -> float | None:
+    """`row_norm_limit` for the probe of extend run `ext` on photos with these `labels` (-1: negatives)."""
+    return row_norm_limit(ext.change, ext.config, negatives=bool((labels == -1).any()),
+                          several_new=len(ext.new_ids) > 1 and ext.exemplars is None)
+
+
 def old_rows_logits(head: Any, n_old: int, feats: torch.Tensor) -> torch.Tensor:
     """Old-class logits of head inputs under the (frozen) old rows."""
     w, b = head.weight[:n_old].detach().float().cpu(), head.bias[:n_old].detach().float().cpu()
@@ -164,9 +170,7 @@ def cross_fit(ext: Any) -> dict[str, Any] | None:
     head = trainable_head(ext.model, ext.change.head_name)
     w0 = head.weight[ext.new_ids].detach().float().cpu()
     b0 = head.bias[ext.new_ids].detach().float().cpu() if head.bias is not None else torch.zeros(len(ext.new_ids))
-    probe = (c.distill, c.lp_steps or 100, c.lp_lr, c.temperature,
-             row_norm_limit(ext.change, c, negatives=bool((labels == -1).any()),
-                            several_new=len(ext.new_ids) > 1 and ext.exemplars is None))
+    probe = (c.distill, c.lp_steps or 100, c.lp_lr, c.temperature, probe_row_limit(ext, labels))
     folds = fold_ids(len(labels), k, c.seed)
     new_oof = out_of_fold_new_logits(feats, labels, old, folds, w0, b0, *probe)
     metrics = cross_fitted_metrics(old, new_oof, labels, folds, ext.new_ids, c.target_recall, base_top1)

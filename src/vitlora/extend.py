@@ -64,7 +64,7 @@ from .extend_math import (
     shift_metrics,
 )
 from .heads import BaseOutputs, base_outputs, eval_view, freeze_rows, new_ids_of, reload_best, trainable_head
-from .crossfit import exemplar_labels, load_exemplars, old_rows_logits, row_norm_limit
+from .crossfit import exemplar_labels, load_exemplars, old_rows_logits, probe_row_limit
 from .inference import cache_logits
 
 LORA_LR_SCALE = 0.1  # extend mode: LoRA weights learn at this fraction of --lr unless --lora-lr-scale says otherwise
@@ -167,8 +167,7 @@ class Extender:
         bias = head.bias[self.new_ids].detach().float().cpu() if head.bias is not None else torch.zeros(len(row))
         w, b = linear_probe(feats, labels, teacher, row, bias,
                             self.config.distill, self.config.lp_steps, self.config.lp_lr, self.config.temperature,
-                            row_norm_limit(self.change, self.config, negatives=bool((labels == -1).any()),
-                                           several_new=len(self.new_ids) > 1 and self.exemplars is None))
+                            probe_row_limit(self, labels))
         with torch.no_grad():
             head.weight[self.new_ids] = w.to(head.weight)
             if head.bias is not None:

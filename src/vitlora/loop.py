@@ -132,7 +132,7 @@ class Loop:
                  and getattr(job.hook, "exemplars", None) is None)
         self.size = training_size(job.model, config.train_size, job.pp, plain)  # None: the model's own size
         # PatchDropout's default: a first extension adding one class with positives only (what was measured)
-        one_new = job.hook is not None and len(job.id2label) - getattr(job.hook, "n_old", 0) == 1
+        one_new = len(getattr(job.hook, "new_ids", ())) == 1
         self.keep = training_keep(job.model, config.patch_keep, plain and one_new)
         tokens = self.keep * (1.0 if self.size is None else self.size[0] * self.size[1]
                               / (job.pp.height * job.pp.width))

@@ -36,10 +36,14 @@ def _embeddings_classes() -> tuple[type[nn.Module], ...]:
     return ViTEmbeddings, DeiTEmbeddings
 
 
+def _embeddings(model: nn.Module) -> list[nn.Module]:
+    classes = _embeddings_classes()
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
 def find_embeddings(model: nn.Module) -> nn.Module:
     """The ViT / DeiT embeddings module inside ``model`` (bare, wrapped by peft or DDP)."""
-    classes = _embeddings_classes()
-    found = [m for m in model.modules() if isinstance(m, classes)]
+    found = _embeddings(model)
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
         raise VitloraError(
@@ -58,7 +62,7 @@ AUTO_KEEP = 0.5  # the default in a first extension of one class without negativ
 
 def has_embeddings(model: nn.Module) -> bool:
     """Whether ``model`` has the one ViT / DeiT embeddings module PatchDropout hooks."""
-    return sum(isinstance(m, _embeddings_classes()) for m in model.modules()) == 1
+    return len(_embeddings(model)) == 1
 
 
 def training_keep(model: nn.Module, keep: float | None, first_extension: bool) -> float:
